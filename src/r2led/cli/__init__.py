@@ -1,0 +1,25 @@
+"""The ``r2led`` command line. One sub-module per command group; each imports lazily."""
+
+from __future__ import annotations
+
+import typer
+
+from r2led.cli import data_cmd, sid_cmd
+from r2led.cli.common import run_guarded
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Lifelong CTR prediction with semantic IDs (R2LED).")
+app.add_typer(data_cmd.app, name="data", help="Prepare and inspect datasets.")
+app.add_typer(sid_cmd.app, name="sid", help="Build and inspect semantic-ID tables.")
+
+for _module in ("train_cmd", "bench_cmd", "serve_cmd"):
+    try:  # command groups added by later stages register themselves here
+        _mod = __import__(f"r2led.cli.{_module}", fromlist=["register"])
+    except ModuleNotFoundError as _exc:
+        if _exc.name != f"r2led.cli.{_module}":
+            raise
+    else:
+        _mod.register(app)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    run_guarded(app)

@@ -1,0 +1,1 @@
+"""Semantic IDs: item text -> embedding -> residual quantization -> hierarchical codes."""
