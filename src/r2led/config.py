@@ -47,7 +47,6 @@ class TrainConfig(BaseModel):
     bucket: int = Field(32, ge=1, description="batches per length bucket when shuffling")
     max_train_samples: int | None = Field(None, ge=1, description="subsample train (smoke tests)")
     max_eval_samples: int | None = Field(None, ge=1, description="subsample valid/test (smoke tests)")
-    embedding_l2: float = Field(0.0, ge=0, description="L2 on the embeddings touched by a batch")
 
 
 class RunConfig(BaseModel):

@@ -7,7 +7,7 @@ import typer
 from r2led.cli import data_cmd, sid_cmd
 from r2led.cli.common import run_guarded
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Lifelong CTR prediction with semantic IDs (R2LED).")
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help="Lifelong CTR prediction with semantic IDs (R2LED).")
 app.add_typer(data_cmd.app, name="data", help="Prepare and inspect datasets.")
 app.add_typer(sid_cmd.app, name="sid", help="Build and inspect semantic-ID tables.")
 

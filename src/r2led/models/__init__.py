@@ -1,0 +1,1 @@
+"""Models: shared building blocks (layers, simhash, retrieval) and one file per model."""

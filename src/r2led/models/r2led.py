@@ -1,0 +1,177 @@
+"""R2LED: Multi-route Mixed Retrieval, then Bi-level Fusion Refinement (method.md).
+
+Retrieval (no parameters of its own, no gradient):
+    route l = 1..R takes k behaviours: up to ceil(rho k) whose level-l SID prefix matches the
+    target's (semantic view), best SimHash similarity first, then the highest-similarity rest
+    (collaborative view); ties go to the more recent behaviour. Plus the last n_s behaviours.
+Refinement:
+    SID-level fusion   e~(v) = sum_j g_j(v) [e(v); s_1(v); ...; s_L(v)]_j,  g = softmax(W_g x_v)
+    per-route encoding r_l  = TargetAttention(e~(t), e~(h) + side(h) over route l)
+    route-level fusion z    = softmax_l((W_q e~(t)) . (W_k r_l)) W_v r_l
+    head               MLP([user; e~(t); z; r_s; e~(t) * z])
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from r2led.config import ModelConfig
+from r2led.data.batches import Batch
+from r2led.models.base import CtrModel, short_window
+from r2led.models.layers import TargetAttention, gather_behaviours, masked_softmax, per_unique_item
+from r2led.models.retrieval import mixed_topk, recency_keys, topk_keys
+from r2led.models.simhash import SimHash
+
+
+class R2ledConfig(ModelConfig):
+    name: Literal["r2led"] = "r2led"
+    k: int = Field(20, ge=1, description="behaviours retrieved per route")
+    rho: float = Field(0.75, ge=0.0, le=1.0, description="mix ratio: share of a route's slots for SID-prefix matches")
+    routes: int | None = Field(None, ge=1, description="number of routes R (default: one per SID level); the finest R levels")
+    hash_bits: int = Field(64, ge=64, description="SimHash signature bits m (multiple of 64)")
+    # on/off switches are booleans: YAML reads `--set model.gate=off` as false.
+    gate: bool = Field(True, description="off: e~ = e + mean_l s_l")
+    route_fusion: Literal["attention", "mean"] = Field("attention", description="mean: no cross-attention over routes")
+    sid: bool = Field(True, description="off: no SIDs anywhere (one collaborative route of R*k, ETA-like)")
+
+    @model_validator(mode="after")
+    def _hash_bits(self) -> "R2ledConfig":
+        if self.hash_bits % 64:
+            raise ValueError(f"hash_bits must be a multiple of 64, got {self.hash_bits}")
+        return self
+
+
+class SidGate(nn.Module):
+    """SID-level fusion: an item-wise softmax gate over [e; s_1; ...; s_L] -> (..., d)."""
+
+    def __init__(self, dim: int, levels: int, enabled: bool = True):
+        super().__init__()
+        self.enabled = enabled
+        self.proj = nn.Linear((levels + 1) * dim, levels + 1) if enabled else None
+
+    def forward(self, e: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # e: (..., d), s: (..., L, d)
+        if not self.enabled:
+            return e + s.mean(-2), None
+        views = torch.cat([e.unsqueeze(-2), s], dim=-2)  # (..., L+1, d)
+        gate = torch.softmax(self.proj(views.flatten(-2)), dim=-1)  # (..., L+1)
+        return (gate.unsqueeze(-1) * views).sum(-2), gate
+
+
+class RouteFusion(nn.Module):
+    """Route-level fusion: target-aware cross-attention over the R route vectors."""
+
+    def __init__(self, dim: int, mode: str = "attention"):
+        super().__init__()
+        self.mode = mode
+        if mode == "attention":
+            self.q, self.k, self.v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.scale = dim**-0.5
+
+    def forward(self, target: torch.Tensor, routes: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        # target (B, d), routes (B, R, d), present (B, R) bool: the route retrieved something
+        if self.mode == "mean":
+            w = present.float()
+            return (routes * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
+        scores = (self.k(routes) @ self.q(target).unsqueeze(-1)).squeeze(-1) * self.scale  # (B, R)
+        weights = masked_softmax(scores, present)  # (B, R)
+        return (weights.unsqueeze(-1) * self.v(routes)).sum(1)  # (B, d)
+
+
+class R2LED(CtrModel):
+    config_class = R2ledConfig
+
+    def __init__(self, cfg: R2ledConfig, spec, sid=None):
+        super().__init__(cfg, spec, sid)
+        d = cfg.dim
+        self.use_sid = cfg.sid
+        if self.use_sid and not self.items.levels:
+            raise ValueError("R2LED with sid=on needs a SID table (build one with `r2led sid build`)")
+        levels = self.items.levels if self.use_sid else 0
+        self.n_routes = min(cfg.routes or levels, levels) if self.use_sid else 1
+        # Route l matches on SID level route_levels[l] (0-based): the finest n_routes levels.
+        self.route_levels = list(range(levels - self.n_routes, levels)) if self.use_sid else []
+        # sid=off keeps the attention budget: one collaborative route of R*k (R defaults to 3).
+        self.k = cfg.k if self.use_sid else cfg.k * (cfg.routes or 3)
+        self.simhash = SimHash(d, cfg.hash_bits)
+        self.gate = SidGate(d, levels, enabled=cfg.gate) if self.use_sid else None
+        self.route_attention = TargetAttention(d, cfg.heads)
+        self.short_attention = TargetAttention(d, cfg.heads)
+        self.route_fusion = RouteFusion(d, cfg.route_fusion)
+        self.head = self.make_head(4)
+        self._signature_cache: tuple[int, torch.Tensor] | None = None
+
+    @classmethod
+    def wants_sid(cls, cfg: R2ledConfig) -> bool:
+        return cfg.sid or cfg.sid_features
+
+    # ---- Multi-route Mixed Retrieval ----------------------------------------------------
+    def item_signatures(self) -> torch.Tensor:
+        """(N+1, words) SimHash signatures of every item's ID embedding.
+
+        Recomputed while training (embeddings move every step); cached in eval mode until the
+        embedding table changes, as a server caches them per item.
+        """
+        weight = self.items.id.weight
+        if self.training:
+            return self.simhash.signatures(weight)
+        version = weight._version
+        if self._signature_cache is None or self._signature_cache[0] != version:
+            self._signature_cache = (version, self.simhash.signatures(weight))
+        return self._signature_cache[1]
+
+    @torch.no_grad()
+    def retrieve_routes(self, target: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions of each route's k behaviours (B, R, k) and whether a slot is filled."""
+        sigs = self.item_signatures()
+        hamming = SimHash.hamming(sigs[hist], sigs[target].unsqueeze(1))  # (B, T)
+        keys = recency_keys(self.simhash.bits - hamming, mask)  # (B, T) int64
+        if not self.use_sid:
+            return topk_keys(keys.unsqueeze(1), self.k)  # one collaborative route
+        lv = self.route_levels
+        t_tok = self.items.tokens(target)[:, lv]  # (B, R)
+        h_tok = self.items.tokens(hist)[..., lv]  # (B, T, R)
+        match = (h_tok == t_tok.unsqueeze(1)).transpose(1, 2) & mask.unsqueeze(1)  # (B, R, T)
+        return mixed_topk(keys, match, self.k, self.cfg.rho)
+
+    # ---- Bi-level Fusion Refinement -----------------------------------------------------
+    def fused_item(self, items: torch.Tensor) -> torch.Tensor:
+        """SID-level fusion, then the item's side features: (...,) -> (..., d)."""
+        return per_unique_item(self._fused_item, items)
+
+    def _fused_item(self, items: torch.Tensor) -> torch.Tensor:
+        e = self.items.id(items)
+        if self.use_sid:
+            e, _ = self.gate(e, self.items.prefixes(items))
+        elif self.cfg.sid_features and self.items.levels:
+            e = e + self.items.prefixes(items).mean(-2)
+        return e + self.items.features(items)
+
+    def gate_weights(self, items: torch.Tensor) -> torch.Tensor | None:
+        """(..., L+1) gate weights over [ID, level 1..L] (None when the gate is off)."""
+        if not self.use_sid or self.gate.proj is None:
+            return None
+        return self.gate(self.items.id(items), self.items.prefixes(items))[1]
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        hist, signal, mask = batch.hist_items, batch.hist_signal, batch.hist_mask  # (B, T)
+        index, taken = self.retrieve_routes(batch.target, hist, mask)  # (B, R, k)
+        r_items = gather_behaviours(hist, index) * taken  # (B, R, k)
+        r_signal = gather_behaviours(signal, index) * taken
+
+        target = self.fused_item(batch.target)  # (B, d)
+        r_kv = self.fused_item(r_items) + self.signal(r_signal)  # (B, R, k, d)
+        n_routes = r_items.shape[1]
+        routes = self.route_attention(target.unsqueeze(1).expand(-1, n_routes, -1), r_kv, r_kv, taken)  # (B, R, d)
+        z = self.route_fusion(target, routes, taken.any(-1))  # (B, d)
+
+        s_items, s_signal, s_mask = short_window(batch, self.cfg.short_len)  # (B, n_s)
+        s_kv = self.fused_item(s_items) + self.signal(s_signal)  # (B, n_s, d)
+        r_short = self.short_attention(target, s_kv, s_kv, s_mask)  # (B, d)
+
+        x = torch.cat([self.users(batch.user_feats), target, z, r_short, target * z], dim=-1)
+        return self.head(x)

@@ -1,0 +1,1 @@
+"""Training recipe: metrics, the loop, checkpoints, distributed training."""

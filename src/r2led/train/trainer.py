@@ -1,0 +1,287 @@
+"""The training recipe: data + model + optimiser + early stopping + checkpoints (+ DDP).
+
+A run folder holds::
+
+    config.yaml     the resolved configuration (with the data folder)
+    train.log       the log
+    history.json    valid metrics at every evaluation
+    last.pt         resumable state (model, optimiser, position, RNG, early-stopping state)
+    best.pt         the model with the best valid AUC, reloaded before the test split
+    metrics.json    {"valid": {auc, logloss, gauc}, "test": {...}, "seconds": ..., ...}
+
+Started by ``torchrun --nproc_per_node N``, each process trains on every N-th batch under
+DistributedDataParallel (gloo on CPU); rank 0 evaluates, checkpoints and writes the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from r2led.config import RunConfig
+from r2led.data.batches import BatchIterator
+from r2led.data.store import LifelongStore
+from r2led.models.registry import build_model, model_class
+from r2led.models.spec import DataSpec
+from r2led.sid.table import SidTable
+from r2led.train.checkpoint import load_checkpoint, save_checkpoint
+from r2led.train.metrics import ctr_metrics
+
+log = logging.getLogger("r2led.train")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_sid(store: LifelongStore, cfg: RunConfig) -> SidTable | None:
+    """The run's SID table when its model uses one."""
+    if not model_class(cfg.model.name).wants_sid(cfg.model):
+        return None
+    return SidTable.load(store.root / cfg.sid)
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "Distributed":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("gloo")
+        return cls(int(os.environ.get("RANK", "0")), world)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def broadcast_flag(self, value: bool) -> bool:
+        if self.world == 1:
+            return value
+        flag = torch.tensor([int(value)])
+        dist.broadcast(flag, 0)
+        return bool(flag.item())
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, store: LifelongStore, sample_idx: np.ndarray, batch_size: int, t_max: int) -> np.ndarray:
+    """Click probabilities for samples, in the order given (batched by history length)."""
+    model.eval()
+    order = np.argsort(store.history_lengths(sample_idx, t_max), kind="stable")
+    out = np.empty(len(sample_idx), dtype=np.float64)
+    it = BatchIterator(store, sample_idx[order], batch_size, t_max)
+    pos = 0
+    for batch in it:
+        n = len(batch)
+        out[order[pos : pos + n]] = torch.sigmoid(model(batch)).double().numpy()
+        pos += n
+    return out
+
+
+def evaluate_split(model, store: LifelongStore, split: str, cfg: RunConfig, limit: int | None = None) -> dict:
+    idx = store.split_indices(split)
+    if limit is not None and limit < len(idx):
+        idx = idx[:limit]
+    t0 = time.perf_counter()
+    prob = predict(model, store, idx, cfg.train.eval_batch_size, cfg.train.t_max)
+    seconds = time.perf_counter() - t0
+    s = store.sample_arrays
+    metrics = ctr_metrics(s["label"][idx], prob, s["user"][idx])
+    metrics["samples"] = int(len(idx))
+    metrics["samples_per_s"] = round(len(idx) / max(seconds, 1e-9), 1)
+    return metrics
+
+
+class Trainer:
+    """Fits one model on one store; see the module docstring for what it writes."""
+
+    def __init__(self, data: str | Path, cfg: RunConfig, out: str | Path, resume: bool = False, show_progress: bool = True):
+        self.cfg, self.out, self.resume = cfg, Path(out), resume
+        self.show_progress = show_progress
+        self.dist = Distributed.from_env()
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        seed_everything(cfg.train.seed)
+        self.store = LifelongStore(data)
+        self.sid = load_sid(self.store, cfg)
+        self.spec = DataSpec.from_store(self.store)
+        self.model = build_model(cfg.model, self.spec, self.sid)
+        self.ddp = None
+        if self.dist.world > 1:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.train_idx = self.store.split_indices("train")
+        if cfg.train.max_train_samples:
+            self.train_idx = self.train_idx[: cfg.train.max_train_samples]
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(
+                yaml.safe_dump({"data": str(Path(data).resolve()), **cfg.model_dump()}, sort_keys=False)
+            )
+            handler = logging.FileHandler(self.out / "train.log")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
+
+    # ---- state --------------------------------------------------------------------------
+    def _state(self, epoch: int, batch: int, best: float, bad: int, history: list, train_seconds: float, seen: int) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": epoch,
+            "batch": batch,
+            "best_auc": best,
+            "bad_evals": bad,
+            "history": history,
+            "train_seconds": train_seconds,
+            "samples_seen": seen,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "config": self.cfg.model_dump(),
+        }
+
+    def _evaluate(self, split: str) -> dict:
+        return evaluate_split(self.model, self.store, split, self.cfg, self.cfg.train.max_eval_samples)
+
+    # ---- the loop -----------------------------------------------------------------------
+    def fit(self) -> dict:
+        tc = self.cfg.train
+        t_start = time.perf_counter()
+        epoch, start_batch, best, bad, history = 0, 0, -1.0, 0, []
+        train_seconds, seen = 0.0, 0
+        last = self.out / "last.pt"
+        if self.resume and last.is_file():
+            state = load_checkpoint(last)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            epoch, start_batch, best, bad = state["epoch"], state["batch"], state["best_auc"], state["bad_evals"]
+            history, train_seconds, seen = state["history"], state["train_seconds"], state["samples_seen"]
+            torch.set_rng_state(state["rng"]["torch"])
+            np.random.set_state(state["rng"]["numpy"])
+            random.setstate(state["rng"]["python"])
+            log.info("resumed from %s at epoch %d batch %d (best valid AUC %.4f)", last, epoch, start_batch, best)
+        net = self.ddp or self.model
+        batches = BatchIterator(
+            self.store, self.train_idx, tc.batch_size, tc.t_max, shuffle=True, seed=tc.seed,
+            bucket=tc.bucket, rank=self.dist.rank, world=self.dist.world, drop_uneven=True,
+        )
+        stop = bad > tc.patience
+        progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), disable=not (self.show_progress and self.dist.main), transient=False,
+        )
+        with progress:
+            while epoch < tc.epochs and not stop:
+                batches.epoch = epoch
+                n_batches = len(batches)
+                eval_points = {round(n_batches * (i + 1) / tc.evals_per_epoch) for i in range(tc.evals_per_epoch)}
+                task = progress.add_task(f"epoch {epoch + 1}/{tc.epochs}", total=n_batches, completed=start_batch, info="")
+                running, t_seg = None, time.perf_counter()
+                for b, batch in enumerate(batches):
+                    if b < start_batch:
+                        continue
+                    net.train()
+                    logits = net(batch)
+                    loss = self.model.loss(batch, logits)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
+                    seen += len(batch) * self.dist.world
+                    running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+                    progress.update(task, advance=1, info=f"loss {running:.4f}")
+                    if b + 1 in eval_points:
+                        train_seconds += time.perf_counter() - t_seg
+                        stop, best, bad = self._checkpoint(epoch, b + 1, best, bad, history, train_seconds, seen, n_batches)
+                        t_seg = time.perf_counter()
+                        if stop:
+                            break
+                start_batch = 0
+                epoch += 1
+        return self._finish(best, history, train_seconds, seen, time.perf_counter() - t_start)
+
+    def _checkpoint(self, epoch, batch, best, bad, history, train_seconds, seen, n_batches) -> tuple[bool, float, int]:
+        """Evaluate on valid (rank 0), keep the best model, save resumable state, decide to stop."""
+        stop = False
+        if self.dist.main:
+            metrics = self._evaluate("valid")
+            metrics.update(epoch=epoch + batch / n_batches, train_seconds=round(train_seconds, 1))
+            history.append(metrics)
+            improved = metrics["auc"] > best
+            if improved:
+                best, bad = metrics["auc"], 0
+                save_checkpoint({"model": self.model.state_dict(), "config": self.cfg.model_dump(), "spec": self.spec.to_dict(), "valid": metrics}, self.out / "best.pt")
+            else:
+                bad += 1
+            stop = bad > self.cfg.train.patience
+            at_end = batch >= n_batches
+            save_checkpoint(self._state(epoch + 1 if at_end else epoch, 0 if at_end else batch, best, bad, history, train_seconds, seen), self.out / "last.pt")
+            (self.out / "history.json").write_text(json.dumps(history, indent=2))
+            log.info(
+                "epoch %.2f valid auc %.4f logloss %.4f gauc %.4f%s", metrics["epoch"], metrics["auc"],
+                metrics["logloss"], metrics["gauc"], " (best)" if improved else "",
+            )
+        self.dist.barrier()
+        return self.dist.broadcast_flag(stop), best, bad
+
+    def _finish(self, best, history, train_seconds, seen, seconds) -> dict:
+        result: dict = {}
+        if self.dist.main:
+            state = load_checkpoint(self.out / "best.pt")
+            self.model.load_state_dict(state["model"])
+            valid = state["valid"]
+            test = self._evaluate("test")
+            result = {
+                "model": self.cfg.model.name,
+                "seed": self.cfg.train.seed,
+                "valid": {k: valid[k] for k in ("auc", "logloss", "gauc")},
+                "test": {k: test[k] for k in ("auc", "logloss", "gauc")},
+                "seconds": round(seconds, 1),
+                "train_seconds": round(train_seconds, 1),
+                "train_samples_per_s": round(seen / max(train_seconds, 1e-9), 1),
+                "eval_samples_per_s": test["samples_per_s"],
+                "best_epoch": max(history, key=lambda m: m["auc"])["epoch"] if history else None,
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+                "processes": self.dist.world,
+            }
+            (self.out / "metrics.json").write_text(json.dumps(result, indent=2))
+            log.info("test auc %.4f logloss %.4f gauc %.4f", test["auc"], test["logloss"], test["gauc"])
+        self.dist.barrier()
+        return result
+
+
+def load_run(run: str | Path) -> tuple[torch.nn.Module, LifelongStore, RunConfig]:
+    """A finished run's best model, its store and its configuration (for evaluate / export)."""
+    from r2led.config import validate_config
+
+    run = Path(run)
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        from r2led.errors import CheckpointError
+
+        raise CheckpointError(f"{run} is not a run folder (no config.yaml)")
+    tree = yaml.safe_load(cfg_path.read_text())
+    data = tree.pop("data")
+    cfg = validate_config(tree)
+    store = LifelongStore(data)
+    model = build_model(cfg.model, DataSpec.from_store(store), load_sid(store, cfg))
+    state = load_checkpoint(run / "best.pt")
+    model.load_state_dict(state["model"])
+    return model, store, cfg

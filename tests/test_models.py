@@ -1,0 +1,133 @@
+"""Model behaviour on the tiny store: shapes, ablation switches, what retrieval may see."""
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from r2led.config import load_config
+from r2led.data.batches import make_batch
+from r2led.models.registry import build_model
+from r2led.models.spec import DataSpec
+from r2led.sid.table import SidTable
+
+
+def build(store, name="r2led", **overrides):
+    cfg = load_config(None, [f"model.name={name}", *[f"model.{k}={v}" for k, v in overrides.items()]])
+    torch.manual_seed(0)
+    return build_model(cfg.model, DataSpec.from_store(store), SidTable.load(store.root / "sid"))
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_store):
+    idx = np.arange(0, len(tiny_store.samples), 7)[:64]
+    return make_batch(tiny_store, idx, t_max=64)
+
+
+@pytest.mark.parametrize(
+    "name,overrides",
+    [
+        ("r2led", {}),
+        ("r2led", {"rho": 0}),
+        ("r2led", {"rho": 1}),
+        ("r2led", {"routes": 1}),
+        ("r2led", {"gate": "off"}),
+        ("r2led", {"route_fusion": "mean"}),
+        ("r2led", {"sid": "off"}),
+        ("din", {}),
+        ("din-long", {}),
+        ("din", {"sid_features": True}),
+    ],
+)
+def test_every_model_and_switch_gives_finite_logits_and_gradients(tiny_store, batch, name, overrides):
+    model = build(tiny_store, name, **overrides)
+    logits = model(batch)
+    assert logits.shape == (len(batch),)
+    assert torch.isfinite(logits).all()
+    model.loss(batch, logits).backward()
+    assert model.items.id.weight.grad is not None and model.items.id.weight.grad.abs().sum() > 0
+
+
+def test_routes_follow_sid_levels(tiny_store):
+    assert build(tiny_store).route_levels == [0, 1, 2]
+    assert build(tiny_store, routes=1).route_levels == [2]  # a single route uses the finest level
+    off = build(tiny_store, sid="off")
+    assert off.items.levels == 0 and off.k == 60  # no SIDs; one route with the R*k budget
+
+
+def test_retrieval_never_looks_at_or_past_the_sample(tiny_store, batch):
+    model = build(tiny_store, k=5).eval()
+    index, taken = model.retrieve_routes(batch.target, batch.hist_items, batch.hist_mask)
+    assert index.shape == (len(batch), 3, 5)
+    s = tiny_store.sample_arrays
+    idx = np.arange(0, len(tiny_store.samples), 7)[:64]
+    rank = np.load(tiny_store.root / "seq_rank.npy")
+    width = batch.hist_items.shape[1]
+    for b, sample in enumerate(idx):
+        user, pos = s["user"][sample], s["pos"][sample]
+        end = tiny_store.offsets[user] + pos
+        for r in range(3):
+            for slot in index[b, r][taken[b, r]].tolist():
+                assert batch.hist_mask[b, slot]
+                row = end - width + slot  # left padding: the last column is row end - 1
+                assert row < end and rank[row] < s["rank"][sample]
+                assert tiny_store.seq_items[row] == batch.hist_items[b, slot]
+
+
+def test_semantic_view_takes_prefix_matches_first(tiny_store, batch):
+    model = build(tiny_store, k=4, rho=1.0).eval()
+    index, taken = model.retrieve_routes(batch.target, batch.hist_items, batch.hist_mask)
+    tokens = model.items.tokens
+    for b in range(len(batch)):
+        t_tok = tokens(batch.target[b])
+        for r, level in enumerate(model.route_levels):
+            chosen = batch.hist_items[b, index[b, r][taken[b, r]]]
+            n_match = int(((tokens(batch.hist_items[b])[:, level] == t_tok[level]) & batch.hist_mask[b]).sum())
+            matched = tokens(chosen)[:, level] == t_tok[level]
+            expect = min(n_match, 4)
+            assert matched[:expect].all() and not matched[expect:].any()
+
+
+class FloatTensorSizes(TorchDispatchMode):
+    """Records the size of every floating-point tensor an operation produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_retrieval_builds_no_history_sized_float_tensor(tiny_store):
+    model = build(tiny_store).eval()
+    b, t = 8, 4000
+    gen = torch.Generator().manual_seed(0)
+    hist = torch.randint(1, tiny_store.n_items + 1, (b, t), generator=gen)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    target = torch.randint(1, tiny_store.n_items + 1, (b,), generator=gen)
+    model.item_signatures()  # the per-item signature cache a server keeps
+    with FloatTensorSizes() as sizes:
+        model.retrieve_routes(target, hist, mask)
+    assert sizes.largest < b * t  # not even one float per behaviour, let alone (B, T, d)
+
+
+def test_gate_is_a_distribution_over_id_and_levels(tiny_store):
+    model = build(tiny_store)
+    g = model.gate_weights(torch.arange(1, 11))
+    assert g.shape == (10, 4)
+    assert torch.allclose(g.sum(-1), torch.ones(10))
+    assert build(tiny_store, gate="off").gate_weights(torch.arange(1, 3)) is None
+
+
+def test_empty_history_gives_a_prediction(tiny_store):
+    model = build(tiny_store).eval()
+    batch = make_batch(tiny_store, np.arange(3), t_max=64)
+    batch.hist_mask[:] = False
+    batch.hist_items[:] = 0
+    batch.hist_signal[:] = 0
+    assert torch.isfinite(model(batch)).all()

@@ -1,0 +1,126 @@
+"""Multi-route mixed retrieval and SimHash, pinned on hand-built histories."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from r2led.models.retrieval import mixed_topk, recency_keys, topk_keys
+from r2led.models.simhash import SimHash, popcount64
+
+
+def keys_of(sim, mask=None):
+    sim = torch.tensor([sim], dtype=torch.int64)
+    mask = torch.ones_like(sim, dtype=torch.bool) if mask is None else torch.tensor([mask])
+    return recency_keys(sim, mask)
+
+
+def retrieve(sim, match, k, rho, mask=None):
+    keys = keys_of(sim, mask)
+    index, taken = mixed_topk(keys, torch.tensor([[match]]), k, rho)
+    return index[0, 0][taken[0, 0]].tolist(), taken[0, 0].tolist()
+
+
+def test_matches_first_up_to_quota_then_fill_by_similarity():
+    # positions:   0  1  2  3  4  5
+    sim = [5, 1, 3, 2, 4, 0]
+    match = [False, True, True, False, False, True]
+    # quota ceil(0.5 * 4) = 2: the two best matches (2, then 1), then best of the rest (0, 4)
+    assert retrieve(sim, match, k=4, rho=0.5)[0] == [2, 1, 0, 4]
+
+
+def test_fill_never_repeats_a_taken_match():
+    sim = [9, 8, 7, 6]
+    match = [True, False, False, False]
+    assert retrieve(sim, match, k=3, rho=0.75)[0] == [0, 1, 2]
+
+
+def test_rho_one_takes_every_match_before_any_fill():
+    sim = [9, 8, 1, 0, 7]
+    match = [False, False, True, True, False]
+    assert retrieve(sim, match, k=4, rho=1.0)[0] == [2, 3, 0, 1]
+
+
+def test_rho_zero_is_pure_collaborative_topk():
+    sim = [1, 9, 3, 7, 5]
+    match = [True, False, True, False, True]
+    assert retrieve(sim, match, k=3, rho=0.0)[0] == [1, 3, 4]
+
+
+def test_recency_breaks_ties():
+    sim = [4, 4, 4, 4, 4]
+    match = [True, True, False, True, False]
+    # quota 2 among matches (0, 1, 3): most recent first -> 3, 1; then fill most recent: 4, 2
+    assert retrieve(sim, match, k=4, rho=0.5)[0] == [3, 1, 4, 2]
+
+
+def test_history_shorter_than_k_is_padded_not_crashed():
+    got, taken = retrieve([3, 1, 2], [True, False, False], k=5, rho=0.75)
+    assert got == [0, 2, 1]
+    assert taken == [True, True, True, False, False]
+
+
+def test_no_matching_prefix_still_fills_k_slots():
+    got, taken = retrieve([3, 1, 2, 0], [False] * 4, k=3, rho=0.75)
+    assert got == [0, 2, 1] and all(taken)
+
+
+def test_empty_history_takes_nothing():
+    # one padded slot, nothing present
+    got, taken = retrieve([0], [False], k=4, rho=0.75, mask=[False])
+    assert got == [] and taken == [False] * 4
+
+
+def test_padding_is_never_taken():
+    # left-padded: positions 0, 1 are padding with high similarity and a "match"
+    got, _ = retrieve([9, 9, 1, 2], [True, True, False, True], k=4, rho=0.5, mask=[False, False, True, True])
+    assert got == [3, 2]
+
+
+def test_routes_are_independent():
+    keys = keys_of([5, 4, 3, 2, 1, 0])
+    match = torch.tensor([[[True, True, True, True, True, True], [False, False, False, False, True, True]]])
+    index, taken = mixed_topk(keys, match, k=2, rho=1.0)
+    assert index[0, 0].tolist() == [0, 1]
+    assert index[0, 1].tolist() == [4, 5]
+    assert taken.all()
+
+
+def test_topk_keys_pads_short_rows():
+    index, taken = topk_keys(keys_of([1, 2]), 4)
+    assert index[0, :2].tolist() == [1, 0] and taken[0].tolist() == [True, True, False, False]
+
+
+def test_popcount_matches_python_on_signed_words():
+    rng = np.random.default_rng(0)
+    words = rng.integers(-(2**63), 2**63 - 1, size=1000, dtype=np.int64)
+    words[:3] = [0, -1, -(2**63)]
+    expected = [bin(int(w) & (2**64 - 1)).count("1") for w in words]
+    assert popcount64(torch.from_numpy(words)).tolist() == expected
+
+
+def test_simhash_hamming_estimates_the_angle():
+    torch.manual_seed(0)
+    hasher = SimHash(32, bits=1024, seed=7)
+    a = torch.randn(200, 32)
+    b = a + 0.8 * torch.randn(200, 32)
+    true_cos = torch.nn.functional.cosine_similarity(a, b)
+    est = hasher.cosine(SimHash.hamming(hasher.signatures(a), hasher.signatures(b)))
+    assert (est - true_cos).abs().mean() < 0.06
+    assert SimHash.hamming(hasher.signatures(a), hasher.signatures(a)).eq(0).all()
+    assert SimHash.hamming(hasher.signatures(a), hasher.signatures(-a)).eq(1024).all()
+
+
+def test_simhash_rejects_bits_not_multiple_of_64():
+    with pytest.raises(ValueError, match="multiple of 64"):
+        SimHash(8, bits=48)
+
+
+def test_ceil_quota():
+    # k=20, rho=0.75 -> 15 match slots (method.md's default)
+    sim = list(range(40))
+    match = [True] * 40
+    got, _ = retrieve(sim, match, k=20, rho=0.75)
+    assert got == list(range(39, 19, -1))
+    assert math.ceil(0.75 * 20) == 15

@@ -1,0 +1,131 @@
+"""The training recipe on the tiny store: metrics, determinism, resume, errors, CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+from r2led.cli import app
+from r2led.config import load_config
+from r2led.errors import CheckpointError, ConfigError
+from r2led.train.checkpoint import load_checkpoint
+from r2led.train.metrics import ctr_metrics, gauc
+from r2led.train.trainer import Trainer
+
+FAST = ["train.lr=0.01", "train.batch_size=64", "train.eval_batch_size=256", "train.t_max=64", "model.k=5", "model.dim=16", "train.threads=1"]
+
+
+def fit(store, out, *overrides, resume=False):
+    cfg = load_config(None, [*FAST, *overrides])
+    return Trainer(store.root, cfg, out, resume=resume, show_progress=False).fit()
+
+
+def test_gauc_equals_weighted_mean_of_per_user_auc():
+    rng = np.random.default_rng(0)
+    user = rng.integers(0, 20, 2000)
+    label = rng.integers(0, 2, 2000)
+    score = np.round(rng.random(2000) + 0.3 * label, 2)  # rounded: ties inside users
+    num = den = 0.0
+    for u in np.unique(user):
+        m = user == u
+        if 0 < label[m].sum() < m.sum():
+            num += roc_auc_score(label[m], score[m]) * m.sum()
+            den += m.sum()
+    assert gauc(user, label, score) == pytest.approx(num / den, abs=1e-12)
+
+
+def test_ctr_metrics_values():
+    m = ctr_metrics(np.array([0, 1, 1, 0]), np.array([0.1, 0.9, 0.8, 0.3]), np.array([0, 0, 1, 1]))
+    assert m["auc"] == 1.0 and m["gauc"] == 1.0
+    assert m["logloss"] == pytest.approx(-np.mean(np.log([0.9, 0.9, 0.8, 0.7])))
+
+
+def test_training_learns_the_tiny_task_and_writes_the_run_folder(tiny_store, tmp_path):
+    result = fit(tiny_store, tmp_path / "run", "train.epochs=3")
+    for name in ("config.yaml", "train.log", "history.json", "best.pt", "last.pt", "metrics.json"):
+        assert (tmp_path / "run" / name).is_file(), name
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics["test"]) == {"auc", "logloss", "gauc"} and metrics["seconds"] > 0
+    # users rate their preferred item group high: the history makes this learnable
+    assert metrics["valid"]["auc"] > 0.75 and metrics["test"]["auc"] > 0.75
+    assert metrics == result
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(tiny_store, tmp_path):
+    a = fit(tiny_store, tmp_path / "a", "train.epochs=1", "train.seed=3")
+    b = fit(tiny_store, tmp_path / "b", "train.epochs=1", "train.seed=3")
+    c = fit(tiny_store, tmp_path / "c", "train.epochs=1", "train.seed=4")
+    assert a["test"] == b["test"]
+    assert a["test"]["auc"] != c["test"]["auc"]
+
+
+def test_resume_continues_to_the_same_result(tiny_store, tmp_path):
+    full = fit(tiny_store, tmp_path / "full", "train.epochs=2", "train.patience=5")
+    fit(tiny_store, tmp_path / "part", "train.epochs=1", "train.patience=5")
+    state = load_checkpoint(tmp_path / "part" / "last.pt")
+    assert state["epoch"] == 1 and state["batch"] == 0
+    resumed = fit(tiny_store, tmp_path / "part", "train.epochs=2", "train.patience=5", resume=True)
+    assert resumed["test"] == full["test"]
+    assert len(json.loads((tmp_path / "part" / "history.json").read_text())) == 2
+
+
+def test_early_stopping_stops_on_valid_auc(tiny_store, tmp_path):
+    # lr 0 never improves: the first evaluation is the best, patience 0 stops at the second
+    result = fit(tiny_store, tmp_path / "run", "train.epochs=5", "train.patience=0", "train.lr=1e-12")
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert len(history) == 2 and result["best_epoch"] == 1.0
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="last.pt is corrupt"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="no model state"):
+        load_checkpoint(tmp_path / "foreign.pt")
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.rho=1.5"], "model.rho"),
+        (["model.rhoo=0.5"], "model.rhoo"),
+        (["model.name=nope"], "unknown model 'nope'"),
+        (["train.lr=-1"], "train.lr"),
+        (["model.route_fusion=max"], "model.route_fusion"),
+        (["model.k=0.5"], "model.k"),
+        (["model.name=din", "model.rho=0.5"], "model.rho"),  # a field din does not have
+        (["rho"], "KEY=VALUE"),
+    ],
+)
+def test_invalid_config_values_are_refused_by_name(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  name: r2led\n  rho: 0.25\n  gate: off\ntrain:\n  lr: 0.01\n")
+    cfg = load_config([path], ["train.lr=0.002"])
+    assert cfg.model.rho == 0.25 and cfg.model.gate is False and cfg.train.lr == 0.002
+
+
+def test_cli_train_and_evaluate(tiny_store, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "run"
+    args = ["train", str(tiny_store.root), "--model", "din", "--out", str(out), "--seed", "1"]
+    for o in [*FAST[:-3], "train.epochs=1"]:
+        args += ["--set", o]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "AUC" in res.output
+    res = runner.invoke(app, ["evaluate", str(out), "--split", "test"])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((out / "eval_test.json").read_text())
+    assert saved["auc"] == pytest.approx(json.loads((out / "metrics.json").read_text())["test"]["auc"])
