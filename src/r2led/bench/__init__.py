@@ -1,0 +1,1 @@
+"""Benchmarks: accuracy (models x seeds, significance) and speed (latency/throughput vs T)."""
