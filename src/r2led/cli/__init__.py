@@ -11,7 +11,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 app.add_typer(data_cmd.app, name="data", help="Prepare and inspect datasets.")
 app.add_typer(sid_cmd.app, name="sid", help="Build and inspect semantic-ID tables.")
 
-for _module in ("train_cmd", "bench_cmd", "serve_cmd"):
+for _module in ("main_cmd", "train_cmd", "bench_cmd", "serve_cmd"):
     try:  # command groups added by later stages register themselves here
         _mod = __import__(f"r2led.cli.{_module}", fromlist=["register"])
     except ModuleNotFoundError as _exc:

@@ -49,6 +49,9 @@ def prepare(
     seed: int = typer.Option(0, help="synthetic: random seed"),
     samples_last_n: int | None = typer.Option(None, help="only each user's last n rows become samples"),
     min_history: int = typer.Option(5, help="drop samples with fewer earlier rows"),
+    label_threshold: float = typer.Option(
+        3.0, help="label = signal > threshold (ratings: 3; taobao: 1 = cart/fav/buy, 3 = buy; kuairand: 1 = click)"
+    ),
 ) -> None:
     """Read a source, apply the protocol and write a LifelongStore folder with manifest.json."""
     from r2led.data.protocol import Protocol
@@ -65,7 +68,7 @@ def prepare(
         options = {"path": path}
     with console.status(f"reading {name}"):
         tables = load_source(name, **options)
-    protocol = Protocol(min_history=min_history, samples_last_n=samples_last_n)
+    protocol = Protocol(min_history=min_history, samples_last_n=samples_last_n, label_threshold=label_threshold)
     with console.status(f"writing store to {out}"):
         store = build_store(tables, out, protocol, force=force)
     print_manifest(store.manifest)

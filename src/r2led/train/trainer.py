@@ -127,7 +127,7 @@ class Trainer:
         self.model = build_model(cfg.model, self.spec, self.sid)
         self.ddp = None
         if self.dist.world > 1:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.train_idx = self.store.split_indices("train")
         if cfg.train.max_train_samples:

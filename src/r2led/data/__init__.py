@@ -1,0 +1,1 @@
+"""Data: sources -> canonical tables -> LifelongStore -> samples and batches."""

@@ -1,0 +1,119 @@
+"""Batches: sample indices -> tensors, with histories sliced from the store on the fly.
+
+A batch is padded to its own longest history (capped at ``t_max``), not to ``t_max``.
+Training batches are bucketed by history length: samples are shuffled, then sorted by length
+inside chunks of ``bucket`` batches, so one batch holds similar lengths and padding is small;
+the batches themselves are shuffled again so that lengths do not trend over an epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from r2led.data.store import LifelongStore
+
+
+@dataclass
+class Batch:
+    """Model input. Shapes: B samples, L = the batch's longest history (left-padded)."""
+
+    user: torch.Tensor  # (B,) long     user id (for GAUC and serving caches)
+    user_feats: torch.Tensor  # (B, F) long  categorical user features
+    target: torch.Tensor  # (B,) long     target item id
+    hist_items: torch.Tensor  # (B, L) long  history item ids, 0 = padding, most recent last
+    hist_signal: torch.Tensor  # (B, L) long behaviour signal (e.g. rating), 0 = padding
+    hist_mask: torch.Tensor  # (B, L) bool  True where a behaviour is present
+    label: torch.Tensor  # (B,) float
+
+    def __len__(self) -> int:
+        return int(self.target.shape[0])
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def make_batch(store: LifelongStore, sample_idx: np.ndarray, t_max: int) -> Batch:
+    """Gather samples ``sample_idx`` of ``store`` into a ``Batch`` (vectorised)."""
+    s = store.sample_arrays
+    user = s["user"][sample_idx].astype(np.int64)
+    window = store.history(user, s["pos"][sample_idx], t_max)
+    return Batch(
+        user=torch.from_numpy(user),
+        user_feats=torch.from_numpy(store.user_features[user]),
+        target=torch.from_numpy(s["target"][sample_idx].astype(np.int64)),
+        hist_items=torch.from_numpy(window.items),
+        hist_signal=torch.from_numpy(window.signal),
+        hist_mask=torch.from_numpy(window.mask),
+        label=torch.from_numpy(s["label"][sample_idx].astype(np.float32)),
+    )
+
+
+def batch_order(
+    lengths: np.ndarray,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    bucket: int = 32,
+) -> list[np.ndarray]:
+    """Positions into ``lengths`` grouped into batches (bucketed by length when shuffling)."""
+    n = len(lengths)
+    if not shuffle:
+        return [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    chunk = batch_size * max(bucket, 1)
+    batches = []
+    for i in range(0, n, chunk):
+        part = perm[i : i + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches.extend(part[j : j + batch_size] for j in range(0, len(part), batch_size))
+    order = rng.permutation(len(batches))
+    return [batches[i] for i in order]
+
+
+class BatchIterator:
+    """Iterates a split (or any index array) of a store as ``Batch`` objects.
+
+    ``rank``/``world`` shard the batches for distributed training: every process sees the
+    same batch order (same seed) and takes every ``world``-th batch, so shards are disjoint
+    and, with ``drop_uneven``, equal in number (DDP needs equal step counts).
+    """
+
+    def __init__(
+        self,
+        store: LifelongStore,
+        sample_idx: np.ndarray,
+        batch_size: int,
+        t_max: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        bucket: int = 32,
+        rank: int = 0,
+        world: int = 1,
+        drop_uneven: bool = False,
+    ):
+        self.store, self.sample_idx = store, np.asarray(sample_idx)
+        self.batch_size, self.t_max = batch_size, t_max
+        self.shuffle, self.seed, self.bucket = shuffle, seed, bucket
+        self.rank, self.world, self.drop_uneven = rank, world, drop_uneven
+        self.epoch = 0
+
+    def _batches(self) -> list[np.ndarray]:
+        lengths = self.store.history_lengths(self.sample_idx, self.t_max)
+        batches = batch_order(lengths, self.batch_size, self.shuffle, self.seed + self.epoch, self.bucket)
+        if self.world > 1:
+            if self.drop_uneven:
+                batches = batches[: len(batches) - len(batches) % self.world]
+            batches = batches[self.rank :: self.world]
+        return batches
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+    def __iter__(self) -> Iterator[Batch]:
+        for positions in self._batches():
+            yield make_batch(self.store, self.sample_idx[positions], self.t_max)

@@ -1,0 +1,22 @@
+"""Readers for RecBole "atomic" TSV files (``name:type`` headers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from r2led.errors import DataError
+
+
+def read_atomic(path: Path, required: list[str]) -> pl.DataFrame:
+    """Read a RecBole atomic file as strings, strip the ``:type`` header suffixes and whitespace."""
+    if not Path(path).is_file():
+        raise DataError(f"file not found: {path}")
+    df = pl.read_csv(path, separator="\t", quote_char=None, infer_schema=False, truncate_ragged_lines=True)
+    df = df.rename({c: c.split(":")[0].strip() for c in df.columns})
+    df = df.with_columns(pl.all().str.strip_chars())
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; found {df.columns}")
+    return df

@@ -1,0 +1,171 @@
+"""KuaiRand (Gao et al., CIKM 2022): Kuaishou short-video logs, as published (1K, 27K, Pure).
+
+Give the dataset's ``data`` folder, or one log file. Files read (CSV with a header):
+
+- logs: ``log_standard_*.csv`` (e.g. ``log_standard_4_08_to_4_21_1k.csv`` and
+  ``log_standard_4_22_to_5_08_1k.csv``), concatenated; the randomly exposed
+  ``log_random_*.csv`` is left out (it follows another policy) unless ``logs`` says otherwise.
+  Columns used: ``user_id, video_id, time_ms, is_click`` and, when present, ``is_like``
+  (the others, ``date, hourmin, play_time_ms, ...``, are ignored).
+- optional ``video_features_basic*.csv``: ``video_id, video_type, tag`` (and ``upload_type``
+  when present); ``tag`` is a comma-separated list of tag ids.
+- optional ``user_features*.csv``: ``user_id`` and categorical columns
+  (``user_active_degree, is_live_streamer, ..., onehot_feat0..17``); the raw counts that have a
+  ``*_range`` bucket next to them (``follow_user_num``, ``fans_user_num``, ``friend_user_num``,
+  ``register_days``) are dropped in favour of the buckets.
+
+Signal = ``1 + is_click + is_like`` (1 impression only, 2 click, 3 click and like), timestamps
+are ``time_ms // 1000``. The default protocol (threshold 3) would label nothing positive: use
+``Protocol(label_threshold=1)`` (click) or ``label_threshold=2`` (like). An item's text is
+``"video {id} | type {video_type} | upload {upload_type} | tags {tag ...}"``, its category the
+first tag and its tags the tag list (empty when the video has no features row).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from r2led.data.tables import CanonicalTables
+from r2led.errors import DataError
+
+LOG_REQUIRED = ("user_id", "video_id", "time_ms", "is_click")
+VIDEO_REQUIRED = ("video_id", "video_type", "tag")
+USER_COUNTS = ("follow_user_num", "fans_user_num", "friend_user_num", "register_days")
+
+
+def load_kuairand(path: str | Path, logs: str = "log_standard*.csv") -> CanonicalTables:
+    """Read a KuaiRand ``data`` folder (or one log file) into canonical tables."""
+    path = Path(path)
+    if path.is_dir():
+        folder, log_files = path, sorted(path.glob(logs))
+        if not log_files:
+            raise DataError(f"kuairand: no log file matching {logs!r} in {path} (e.g. log_standard_4_08_to_4_21_1k.csv)")
+    elif path.is_file():
+        folder, log_files = path.parent, [path]
+    else:
+        raise DataError(f"kuairand: file not found: {path}")
+
+    inter = pl.concat([_read_log(f) for f in log_files])
+    video_file = _optional(folder, "video_features_basic*.csv")
+    user_file = _optional(folder, "user_features*.csv")
+    videos = inter.select(pl.col("item").unique(maintain_order=True))
+    items = _items(videos, video_file)
+    users = _users(inter.select(pl.col("user").unique(maintain_order=True)), user_file)
+    info = {
+        "logs": [str(f) for f in log_files],
+        "video_features": str(video_file) if video_file else None,
+        "user_features": str(user_file) if user_file else None,
+        "rows": inter.height,
+        "signal": "1 + is_click + is_like",
+    }
+    return CanonicalTables("kuairand", inter, items, users, info).validate()
+
+
+def _optional(folder: Path, pattern: str) -> Path | None:
+    found = sorted(folder.glob(pattern))
+    return found[0] if found else None
+
+
+def _read_csv(file: Path, required: tuple[str, ...], wanted: tuple[str, ...] | None = None) -> pl.DataFrame:
+    """Read ``file`` as strings (only the ``wanted`` columns that exist, default all); every
+    ``required`` column must exist and have no empty or NaN cell."""
+    try:
+        header = pl.read_csv(file, n_rows=0, infer_schema=False).columns
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise DataError(f"kuairand: cannot read {file} as CSV: {exc}") from exc
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DataError(f"kuairand: {file} lacks column(s) {missing}; it has {header}")
+    columns = header if wanted is None else [c for c in header if c in wanted]
+    df = pl.read_csv(file, infer_schema=False, columns=columns)
+    for col in required:
+        bad = df[col].is_null() | (df[col].str.strip_chars().str.to_lowercase().is_in(["", "nan"]))
+        if bad.any():
+            raise DataError(
+                f"kuairand: {file}: column '{col}' is empty or NaN in {int(bad.sum())} rows "
+                f"(first at data row {int(bad.arg_max()) + 1})"
+            )
+    return df
+
+
+def _int_column(df: pl.DataFrame, col: str, file: Path) -> pl.Series:
+    values = df[col].str.strip_chars().cast(pl.Float64, strict=False)
+    bad = values.is_null() | values.is_nan()
+    if bad.any():
+        row = int(bad.arg_max())
+        raise DataError(f"kuairand: {file}: column '{col}' must be numeric; data row {row + 1} has {df[col][row]!r}")
+    return values.cast(pl.Int64)
+
+
+def _read_log(file: Path) -> pl.DataFrame:
+    df = _read_csv(file, LOG_REQUIRED, wanted=LOG_REQUIRED + ("is_like",))
+    signal = 1 + _int_column(df, "is_click", file)
+    if "is_like" in df.columns:
+        signal = signal + _int_column(df, "is_like", file)
+    return pl.DataFrame(
+        {
+            "user": df["user_id"].str.strip_chars(),
+            "item": df["video_id"].str.strip_chars(),
+            "ts": _int_column(df, "time_ms", file) // 1000,
+            "signal": signal,
+        }
+    )
+
+
+def _items(videos: pl.DataFrame, file: Path | None) -> pl.DataFrame:
+    if file is None:
+        feats = pl.DataFrame(schema={"item": pl.String, "video_type": pl.String, "upload_type": pl.String, "tag": pl.String})
+    else:
+        raw = _read_csv(file, ("video_id",))
+        missing = [c for c in VIDEO_REQUIRED if c not in raw.columns]
+        if missing:
+            raise DataError(f"kuairand: {file} lacks column(s) {missing}; it has {raw.columns}")
+        feats = raw.select(
+            pl.col("video_id").str.strip_chars().alias("item"),
+            pl.col("video_type"),
+            (pl.col("upload_type") if "upload_type" in raw.columns else pl.lit(None, pl.String)).alias("upload_type"),
+            pl.col("tag"),
+        ).unique(subset="item", keep="first", maintain_order=True)
+    clean = pl.element().str.strip_chars()
+    tags = (
+        pl.col("tag")
+        .fill_null("")
+        .str.split(",")
+        .list.eval(clean.filter((clean != "") & (clean.str.to_lowercase() != "nan")))
+    )
+
+    def part(label: str, col: str) -> pl.Expr:
+        value = pl.col(col).str.strip_chars()
+        return pl.when(value.is_not_null() & (value != "") & (value.str.to_lowercase() != "nan")).then(pl.lit(label) + value)
+
+    df = videos.join(feats, on="item", how="left", maintain_order="left").with_columns(tags.alias("tags"))
+    text = pl.concat_str(
+        [
+            pl.lit("video ") + pl.col("item"),
+            part("type ", "video_type"),
+            part("upload ", "upload_type"),
+            pl.when(pl.col("tags").list.len() > 0).then(pl.lit("tags ") + pl.col("tags").list.join(" ")),
+        ],
+        separator=" | ",
+        ignore_nulls=True,
+    )
+    return df.select(
+        "item",
+        text.alias("text"),
+        pl.col("tags").list.first().fill_null("").alias("category"),
+        pl.col("tags"),
+    )
+
+
+def _users(users: pl.DataFrame, file: Path | None) -> pl.DataFrame:
+    if file is None:
+        return users
+    raw = _read_csv(file, ("user_id",))
+    keep = [c for c in raw.columns if c != "user_id" and c not in USER_COUNTS]
+    feats = raw.select(
+        pl.col("user_id").str.strip_chars().alias("user"),
+        *[pl.col(c).str.strip_chars() for c in keep],
+    ).unique(subset="user", keep="first", maintain_order=True)
+    return users.join(feats, on="user", how="left", maintain_order="left")
