@@ -8,6 +8,7 @@ A run folder holds::
     last.pt         resumable state (model, optimiser, position, RNG, early-stopping state)
     best.pt         the model with the best valid AUC, reloaded before the test split
     metrics.json    {"valid": {auc, logloss, gauc}, "test": {...}, "seconds": ..., ...}
+    test_pred.npy   the best model's test probabilities, in split order (for paired tests)
 
 Started by ``torchrun --nproc_per_node N``, each process trains on every N-th batch under
 DistributedDataParallel (gloo on CPU); rank 0 evaluates, checkpoints and writes the run folder.
@@ -97,13 +98,22 @@ def predict(model: torch.nn.Module, store: LifelongStore, sample_idx: np.ndarray
     return out
 
 
-def evaluate_split(model, store: LifelongStore, split: str, cfg: RunConfig, limit: int | None = None) -> dict:
+def evaluate_split(
+    model, store: LifelongStore, split: str, cfg: RunConfig, limit: int | None = None, predictions: Path | None = None
+) -> dict:
+    """AUC / LogLoss / GAUC of ``model`` on a whole split (or its first ``limit`` samples).
+
+    ``predictions``: also save the probabilities there (``.npy``, in split order), so that
+    runs can be compared row by row (significance tests).
+    """
     idx = store.split_indices(split)
     if limit is not None and limit < len(idx):
         idx = idx[:limit]
     t0 = time.perf_counter()
     prob = predict(model, store, idx, cfg.train.eval_batch_size, cfg.train.t_max)
     seconds = time.perf_counter() - t0
+    if predictions is not None:
+        np.save(predictions, prob.astype(np.float32))
     s = store.sample_arrays
     metrics = ctr_metrics(s["label"][idx], prob, s["user"][idx])
     metrics["samples"] = int(len(idx))
@@ -158,8 +168,8 @@ class Trainer:
             "config": self.cfg.model_dump(),
         }
 
-    def _evaluate(self, split: str) -> dict:
-        return evaluate_split(self.model, self.store, split, self.cfg, self.cfg.train.max_eval_samples)
+    def _evaluate(self, split: str, predictions: Path | None = None) -> dict:
+        return evaluate_split(self.model, self.store, split, self.cfg, self.cfg.train.max_eval_samples, predictions)
 
     # ---- the loop -----------------------------------------------------------------------
     def fit(self) -> dict:
@@ -247,7 +257,7 @@ class Trainer:
             state = load_checkpoint(self.out / "best.pt")
             self.model.load_state_dict(state["model"])
             valid = state["valid"]
-            test = self._evaluate("test")
+            test = self._evaluate("test", predictions=self.out / "test_pred.npy")
             result = {
                 "model": self.cfg.model.name,
                 "seed": self.cfg.train.seed,

@@ -1,0 +1,26 @@
+"""The accuracy benchmark on the tiny store: every output, resume, significance."""
+
+import json
+
+from r2led.bench.accuracy import ABLATIONS, run_accuracy
+
+FAST = ["train.lr=0.01", "train.batch_size=64", "train.eval_batch_size=256", "train.t_max=64", "train.threads=1", "train.epochs=1"]
+
+
+def test_accuracy_benchmark_writes_tables_plot_and_pvalues(tiny_store, tmp_path):
+    out = tmp_path / "res"
+    results = run_accuracy(tiny_store.root, ["r2led", "din"], 2, out, overrides=FAST, ablations=True, fairness=True)
+    assert set(results) == {"r2led", "din", "din +sid", *[f"r2led {a}" for a in ABLATIONS]}
+    saved = json.loads((out / "results.json").read_text())["results"]
+    din = saved["din"]
+    assert len(din["seeds"]) == 2 and din["test"]["auc"]["std"] >= 0
+    assert 0.5 < din["test"]["auc"]["mean"] < 1.0
+    assert len(din["delong_p_vs_r2led"]) == 2 and all(0 <= p <= 1 for p in din["delong_p_vs_r2led"])
+    md = (out / "results.md").read_text()
+    assert "## R2LED ablations" in md and "## Fairness control" in md and "| din |" in md
+    assert (out / "auc.png").stat().st_size > 1000
+    # a second call reuses every finished run (no retraining: the run folders are untouched)
+    stamp = (out / "runs" / "din" / "seed0" / "metrics.json").stat().st_mtime
+    again = run_accuracy(tiny_store.root, ["r2led", "din"], 2, out, overrides=FAST, ablations=True, fairness=True)
+    assert (out / "runs" / "din" / "seed0" / "metrics.json").stat().st_mtime == stamp
+    assert again["din"]["test"] == results["din"]["test"]
