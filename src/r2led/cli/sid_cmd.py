@@ -1,7 +1,109 @@
-"""``r2led sid build`` (implemented with the semantic-ID stage)."""
+"""``r2led sid build|info``: build a store's semantic-ID table and print its quality report."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from pathlib import Path
+
 import typer
 
+from r2led.cli.common import console, print_table
+
 app = typer.Typer(no_args_is_help=True)
+
+
+def print_quality(settings: dict, quality: dict, title: str = "SID table") -> None:
+    """The quality report as two tables: the SIDs as a whole, then one row per level."""
+    codebook = "x".join(str(k) for k in settings.get("codebook", []))
+    rows: list[list[object]] = [
+        ["items", quality["n_items"]],
+        ["distinct SIDs", quality["n_sids"]],
+        ["unique SID rate", quality["unique_sid_rate"]],
+        ["max items per SID", quality["max_items_per_sid"]],
+        ["mean items per SID", quality["mean_items_per_sid"]],
+    ]
+    if "semantic" in quality:
+        sem = quality["semantic"]
+        rows += [
+            ["before --unique: unique SID rate", sem["unique_sid_rate"]],
+            ["before --unique: max items per SID", sem["max_items_per_sid"]],
+        ]
+    rows += [
+        ["reconstruction error", quality.get("reconstruction_error", "-")],
+        ["encode s" + (" (cached)" if quality.get("embedding_cache_hit") else ""), quality.get("encode_seconds", "-")],
+        ["quantize s", quality.get("quantize_seconds", "-")],
+        ["build s", quality.get("build_seconds", "-")],
+    ]
+    console.print(
+        f"[bold]{title}[/]: {settings.get('encoder', '?')} x {settings.get('quantizer', '?')}, "
+        f"codebook {codebook}{' + unique' if settings.get('unique') else ''}, seed {settings.get('seed', '?')}"
+    )
+    print_table(
+        "quality",
+        ["metric", "value"],
+        rows,
+    )
+    print_table(
+        "per level",
+        ["level", "codes", "used", "dead", "entropy", "log2 K", "prefixes", "var left"],
+        [
+            [
+                i + 1,
+                lv["codebook_size"],
+                lv["used_codes"],
+                lv["dead_codes"],
+                lv["entropy"],
+                lv.get("entropy_max", "-"),
+                lv["prefix_vocab"],
+                lv.get("residual_variance", "-"),
+            ]
+            for i, lv in enumerate(quality["levels"])
+        ],
+    )
+
+
+@app.command()
+def build(
+    data: Path = typer.Argument(..., help="prepared data folder"),
+    encoder: str = typer.Option("minilm", help="minilm | tfidf | collaborative"),
+    quantizer: str = typer.Option("rq-kmeans", help="rq-kmeans | rq-vae"),
+    levels: int = typer.Option(3, help="semantic levels L"),
+    codebook: str = typer.Option("16", help="codes per level: one size (16) or one per level (16,16,32)"),
+    seed: int = typer.Option(0, help="random seed (k-means, RQ-VAE, SVD)"),
+    unique: bool = typer.Option(False, "--unique", help="append a level that makes every SID distinct"),
+    out: str = typer.Option("sid", help="folder name inside the data folder"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="re-encode even when cached embeddings match"),
+) -> None:
+    """Encode the items, quantize residually and write DATA/OUT (codes, prefix tokens, quality)."""
+    from r2led.sid.build import build_sid_table
+
+    # RQ-VAE shows its own training bar; rich allows one live display at a time.
+    training_bar = quantizer == "rq-vae"
+    status = f"building SIDs for {data} ({encoder} x {quantizer})"
+    with nullcontext() if training_bar else console.status(status):
+        table = build_sid_table(
+            data,
+            encoder=encoder,
+            quantizer=quantizer,
+            levels=levels,
+            codebook=codebook,
+            seed=seed,
+            unique=unique,
+            out=out,
+            progress=training_bar,
+            cache=not no_cache,
+        )
+    print_quality(table.settings, table.quality)
+    console.print(f"wrote {data / out} in {table.quality['build_seconds']:.1f} s")
+
+
+@app.command()
+def info(
+    data: Path = typer.Argument(..., help="prepared data folder"),
+    name: str = typer.Option("sid", help="SID table folder inside the data folder"),
+) -> None:
+    """Print a saved SID table's settings and quality report."""
+    from r2led.sid.table import SidTable
+
+    table = SidTable.load(data / name)
+    print_quality(table.settings, table.quality, title=str(data / name))
