@@ -29,6 +29,9 @@ class ModelConfig(BaseModel):
     heads: int = Field(2, ge=1, description="attention heads in target attention")
     short_len: int = Field(20, ge=0, description="n_s: most recent behaviours in the short-term route")
     sid_features: bool = Field(False, description="fairness control: add SID prefix embeddings to item features")
+    history_profile: bool = Field(
+        True, description="user feature: share of each behaviour signal (e.g. rating) in the history, and its log length"
+    )
 
 
 class TrainConfig(BaseModel):

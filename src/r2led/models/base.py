@@ -53,8 +53,26 @@ class CtrModel(nn.Module):
         """Keys/values of behaviours: the item plus the behaviour's own signal (e.g. rating)."""
         return self.item_repr(items) + self.signal(signal)
 
+    def user_repr(self, batch: Batch) -> torch.Tensor:
+        """(B, F*d [+ S]): profile feature embeddings, and the history profile when enabled.
+
+        The history profile is the share of each signal value (e.g. each rating) among the
+        user's behaviours plus log(1 + length): integer counting over (B, T), no embeddings,
+        so it costs every model the same and stays cheap at lifelong lengths.
+        """
+        users = self.users(batch.user_feats)
+        if not self.cfg.history_profile:
+            return users
+        signal = batch.hist_signal  # (B, T), 0 = padding
+        counts = torch.zeros(signal.shape[0], self.spec.signal_size, device=signal.device)
+        counts.scatter_add_(1, signal, torch.ones_like(signal, dtype=counts.dtype))
+        length = counts[:, 1:].sum(1, keepdim=True)  # (B, 1)
+        shares = counts[:, 1:] / length.clamp_min(1.0)  # (B, S-1)
+        return torch.cat([users, shares, torch.log1p(length) / 8.0], dim=-1)
+
     def head_input_dim(self, n_vectors: int) -> int:
-        return self.users.out_dim + n_vectors * self.cfg.dim
+        profile = self.spec.signal_size if self.cfg.history_profile else 0
+        return self.users.out_dim + profile + n_vectors * self.cfg.dim
 
     def make_head(self, n_vectors: int) -> MLP:
         return MLP(self.head_input_dim(n_vectors), self.cfg.mlp, self.cfg.dropout)

@@ -43,7 +43,7 @@ class DIN(CtrModel):
         target = self.item_repr(batch.target)  # (B, d)
         behaviours = self.behaviour_repr(items, signal)  # (B, n, d)
         interest = self.attention(target, behaviours, behaviours, mask)  # (B, d)
-        return self.head(torch.cat([self.users(batch.user_feats), target, interest, target * interest], dim=-1))
+        return self.head(torch.cat([self.user_repr(batch), target, interest, target * interest], dim=-1))
 
 
 class DINLong(DIN):

@@ -106,13 +106,19 @@ class TargetAttention(nn.Module):
         self.v = nn.Linear(dim, dim, bias=False)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        *lead, n, d = keys.shape
+    def scores(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Per-head attention logits before the softmax: (..., d), (..., n, d) -> (..., n, h)."""
+        *lead, n, _ = keys.shape
         h, hd = self.heads, self.head_dim
         q = self.q(query).view(*lead, 1, h, hd)  # (..., 1, h, hd)
         k = self.k(keys).view(*lead, n, h, hd)  # (..., n, h, hd)
+        return (q * k).sum(-1) / math.sqrt(hd)  # (..., n, h)
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        *lead, n, d = keys.shape
+        h, hd = self.heads, self.head_dim
+        scores = self.scores(query, keys)  # (..., n, h)
         v = self.v(values).view(*lead, n, h, hd)
-        scores = (q * k).sum(-1) / math.sqrt(hd)  # (..., n, h)
         weights = masked_softmax(scores, mask.unsqueeze(-1), dim=-2)  # (..., n, h)
         pooled = (weights.unsqueeze(-1) * v).sum(-3)  # (..., h, hd)
         return self.out(pooled.reshape(*lead, d))
@@ -169,6 +175,21 @@ def per_unique_item(fn, items: torch.Tensor) -> torch.Tensor:
     """
     uniq, inverse = torch.unique(items, return_inverse=True)
     return fn(uniq)[inverse]
+
+
+def weighted_sum_by_item(fn, items: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_t weights[b, t] * fn(items[b, t])`` without building the (B, T, d) tensor.
+
+    ``fn`` runs once per distinct item (as in ``per_unique_item``); the weighted sum is an
+    ``embedding_bag`` over those rows, so memory is O(B T + U d) rather than O(B T d).
+    Gradients flow to ``fn``'s parameters and to ``weights``.
+    items (B, T) long, weights (B, T) float -> (B, d)
+    """
+    uniq, inverse = torch.unique(items, return_inverse=True)
+    table = fn(uniq)  # (U, d)
+    if items.shape[-1] == 0:  # every history in the batch is empty
+        return table.new_zeros(items.shape[0], table.shape[-1])
+    return F.embedding_bag(inverse, table, per_sample_weights=weights.to(table.dtype), mode="sum")
 
 
 def gather_behaviours(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

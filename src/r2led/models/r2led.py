@@ -23,7 +23,7 @@ from r2led.config import ModelConfig
 from r2led.data.batches import Batch
 from r2led.models.base import CtrModel, short_window
 from r2led.models.layers import TargetAttention, gather_behaviours, masked_softmax, per_unique_item
-from r2led.models.retrieval import mixed_topk, recency_keys, topk_keys
+from r2led.models.retrieval import index_history, mixed_topk, recency_keys, route_quota, shortlist, topk_keys
 from r2led.models.simhash import SimHash
 
 
@@ -82,6 +82,11 @@ class RouteFusion(nn.Module):
         return (weights.unsqueeze(-1) * self.v(routes)).sum(1)  # (B, d)
 
 
+def one_history(hist: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Every row is the same memory (an ``expand``-ed history): one request, many candidates."""
+    return hist.shape[0] > 1 and hist.stride(0) == 0 and mask.stride(0) == 0
+
+
 class R2LED(CtrModel):
     config_class = R2ledConfig
 
@@ -126,17 +131,63 @@ class R2LED(CtrModel):
 
     @torch.no_grad()
     def retrieve_routes(self, target: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions of each route's k behaviours (B, R, k) and whether a slot is filled."""
+        """Positions of each route's k behaviours (B, R, k) and whether a slot is filled.
+
+        A serving request (B candidates, one history passed as an ``expand``-ed view, so every
+        row is the same memory) takes ``retrieve_routes_shared``: same result, and the cost
+        per candidate follows the history's distinct items, not its length.
+        """
+        if one_history(hist, mask) and hist.shape[1] > self.shortlist_length():
+            return self.retrieve_routes_shared(target, hist[0], mask[0])
+        return self._retrieve(target, hist, mask)
+
+    def _retrieve(
+        self, target: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor, position: torch.Tensor | None = None, length: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score every column of ``hist`` (B, M); ``position``/``length`` place a shortlist's
+        columns in the whole history (see ``recency_keys``). Returns indices into M."""
         sigs = self.item_signatures()
-        hamming = SimHash.hamming(sigs[hist], sigs[target].unsqueeze(1))  # (B, T)
-        keys = recency_keys(self.simhash.bits - hamming, mask)  # (B, T) int64
+        hamming = SimHash.hamming(sigs[hist], sigs[target].unsqueeze(1))  # (B, M)
+        keys = recency_keys(self.simhash.bits - hamming, mask, position, length)  # (B, M) int64
         if not self.use_sid:
             return topk_keys(keys.unsqueeze(1), self.k)  # one collaborative route
         lv = self.route_levels
         t_tok = self.items.tokens(target)[:, lv]  # (B, R)
-        h_tok = self.items.tokens(hist)[..., lv]  # (B, T, R)
-        match = (h_tok == t_tok.unsqueeze(1)).transpose(1, 2) & mask.unsqueeze(1)  # (B, R, T)
+        h_tok = self.items.tokens(hist)[..., lv]  # (B, M, R)
+        match = (h_tok == t_tok.unsqueeze(1)).transpose(1, 2) & mask.unsqueeze(1)  # (B, R, M)
         return mixed_topk(keys, match, self.k, self.cfg.rho)
+
+    def shortlist_length(self) -> int:
+        """Behaviours a candidate scores on ``retrieve_routes_shared``'s grids (see ``shortlist``):
+        below this history length the batch path does less work."""
+        quota = route_quota(self.k, self.cfg.rho) if self.use_sid else 0
+        return (self.k + quota) ** 2 + self.n_routes * quota**2
+
+    @torch.no_grad()
+    def retrieve_routes_shared(self, target: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Serving path: C candidates ``target`` (C,) against ONE history ``hist``/``mask`` (T,).
+
+        Equal to the batch path on C copies of the history (the same taken slots, holding the
+        same positions): the history is indexed once by distinct item (U of them), each
+        candidate scores the U items, and the batch retrieval then runs on the short list of
+        positions that can win (``shortlist``), with the keys they have in the whole history.
+        """
+        t = hist.shape[-1]
+        quota = route_quota(self.k, self.cfg.rho) if self.use_sid else 0
+        index = index_history(hist, mask, self.k + quota)  # U distinct items
+        sigs = self.item_signatures()
+        hamming = SimHash.pairwise_hamming(sigs[target], sigs[index.items])  # (C, U)
+        # recency_keys at each item's most recent position, in place: (m - hamming) t + last
+        item_keys = hamming.neg_().add_(self.simhash.bits).mul_(t).add_(index.last)  # (C, U)
+        tokens = None, None
+        if self.use_sid:  # the semantic view: each route's prefix tokens
+            lv = self.route_levels
+            tokens = self.items.tokens(index.items)[:, lv], self.items.tokens(target)[:, lv]  # (U, R), (C, R)
+        position = shortlist(item_keys, index, t, self.k, quota, *tokens)  # (C, M), -1 = none
+        listed = position >= 0
+        position = position.clamp_min(0)
+        slot, taken = self._retrieve(target, hist[position], listed, position, t)  # (C, R, k) into M
+        return gather_behaviours(position, slot), taken
 
     # ---- Bi-level Fusion Refinement -----------------------------------------------------
     def fused_item(self, items: torch.Tensor) -> torch.Tensor:
@@ -173,5 +224,5 @@ class R2LED(CtrModel):
         s_kv = self.fused_item(s_items) + self.signal(s_signal)  # (B, n_s, d)
         r_short = self.short_attention(target, s_kv, s_kv, s_mask)  # (B, d)
 
-        x = torch.cat([self.users(batch.user_feats), target, z, r_short, target * z], dim=-1)
+        x = torch.cat([self.user_repr(batch), target, z, r_short, target * z], dim=-1)
         return self.head(x)

@@ -12,6 +12,12 @@ MODELS: dict[str, str] = {
     "r2led": "r2led.models.r2led:R2LED",
     "din": "r2led.models.din:DIN",
     "din-long": "r2led.models.din:DINLong",
+    "avgpool": "r2led.models.avgpool:AvgPool",
+    "sim-hard": "r2led.models.sim:SimHard",
+    "sim-soft": "r2led.models.sim:SimSoft",
+    "eta": "r2led.models.eta:ETA",
+    "sdim": "r2led.models.sdim:SDIM",
+    "twin": "r2led.models.twin:TWIN",
 }
 
 

@@ -22,11 +22,30 @@ _H01 = 0x0101010101010101
 
 
 def popcount64(x: torch.Tensor) -> torch.Tensor:
-    """Bits set in each int64 (SWAR popcount; arithmetic shifts are safe with these masks)."""
-    x = x - ((x >> 1) & _M1)
-    x = (x & _M2) + ((x >> 2) & _M2)
-    x = (x + (x >> 4)) & _M4
-    return (x * _H01) >> 56  # wraps mod 2^64; the top byte holds the count (<= 64)
+    """Bits set in each int64 (SWAR popcount; arithmetic shifts are safe with these masks).
+
+    Two working buffers updated in place (``x`` itself is not modified): over (B, T) words
+    the cost is memory passes, and fresh temporaries per step tripled it.
+    """
+    y = torch.bitwise_right_shift(x, 1)
+    y &= _M1
+    x = x - y  # x - ((x >> 1) & M1), a new tensor from here on
+    torch.bitwise_right_shift(x, 2, out=y)
+    y &= _M2
+    x &= _M2
+    x += y  # (x & M2) + ((x >> 2) & M2)
+    torch.bitwise_right_shift(x, 4, out=y)
+    x += y
+    x &= _M4  # (x + (x >> 4)) & M4
+    x *= _H01  # wraps mod 2^64; the top byte holds the count (<= 64)
+    x >>= 56
+    return x
+
+
+def unpack_bits(signatures: torch.Tensor) -> torch.Tensor:
+    """(n, words) int64 packed bits -> (n, words * 64) float32 in {0, 1}."""
+    one_bit = torch.ones(64, dtype=torch.long, device=signatures.device) << torch.arange(64, device=signatures.device)
+    return ((signatures.unsqueeze(-1) & one_bit) != 0).flatten(-2).float()  # bit 63 is the sign bit
 
 
 class SimHash(nn.Module):
@@ -51,6 +70,21 @@ class SimHash(nn.Module):
     def hamming(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """(..., words) x (..., words) broadcast -> (...,) int64 Hamming distance."""
         return popcount64(torch.bitwise_xor(a, b)).sum(-1)
+
+    @staticmethod
+    def pairwise_hamming(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """(C, words) x (U, words) -> (C, U) int64: the Hamming distance of every pair.
+
+        The values of ``hamming`` on all pairs, as one matrix product of 0/1 bit vectors
+        instead of C x U popcounts: hamming = |a| + |b| - 2 a.b, the popcounts folded into the
+        product as two extra columns. Exact: every term and partial sum is an integer of
+        magnitude at most 2m < 2^24, which float32 holds exactly.
+        """
+        bits_a, bits_b = unpack_bits(a), unpack_bits(b)  # (C, m), (U, m) in {0, 1}
+        pop_a, pop_b = bits_a.sum(1, keepdim=True), bits_b.sum(1, keepdim=True)  # (C, 1), (U, 1)
+        left = torch.cat([bits_a, pop_a, torch.ones_like(pop_a)], dim=1)  # (C, m + 2)
+        right = torch.cat([bits_b.mul_(-2.0), torch.ones_like(pop_b), pop_b], dim=1)  # (U, m + 2)
+        return (left @ right.T).long()  # (C, U): -2 a.b + |a| + |b|, exact integers
 
     def cosine(self, hamming: torch.Tensor) -> torch.Tensor:
         """The SimHash estimate of the cosine similarity for a Hamming distance."""
