@@ -24,11 +24,12 @@ def accuracy(
     search: bool = typer.Option(False, help="run each model's small search on valid first"),
     ablations: bool = typer.Option(True, help="also run R2LED's ablation switches"),
     fairness: bool = typer.Option(False, help="also run every baseline with model.sid_features=true"),
+    variant_seeds: int | None = typer.Option(None, help="seeds for the fairness and ablation variants (default: --seeds)"),
 ) -> None:
     """Train every model x seed on the same protocol; tables, significance tests and plots."""
     from r2led.bench.accuracy import run_accuracy
 
-    run_accuracy(data, _csv(models), seeds, out, config_files=config, overrides=set_, search=search, ablations=ablations, fairness=fairness)
+    run_accuracy(data, _csv(models), seeds, out, config_files=config, overrides=set_, search=search, ablations=ablations, fairness=fairness, variant_seeds=variant_seeds)
 
 
 @bench_app.command("speed")
