@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.nn import functional as F
+from conftest import FloatTensorSizes
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.nn import functional as F
 
 from r2led.config import load_config
 from r2led.data.batches import Batch, make_batch
@@ -228,21 +229,6 @@ def test_sim_soft_keeps_the_highest_inner_products(tiny_store, batch):
 
 
 # ---- cost: what the cheap search units never build --------------------------------------
-class FloatTensorSizes(TorchDispatchMode):
-    """Records the size of every floating-point tensor an operation produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def long_batch(store, b=8, t=4000):
     gen = torch.Generator().manual_seed(0)
     hist = torch.randint(1, store.n_items + 1, (b, t), generator=gen)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import FloatTensorSizes
 
 from r2led.config import load_config
 from r2led.data.batches import make_batch
@@ -86,21 +86,6 @@ def test_semantic_view_takes_prefix_matches_first(tiny_store, batch):
             matched = tokens(chosen)[:, level] == t_tok[level]
             expect = min(n_match, 4)
             assert matched[:expect].all() and not matched[expect:].any()
-
-
-class FloatTensorSizes(TorchDispatchMode):
-    """Records the size of every floating-point tensor an operation produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def test_retrieval_builds_no_history_sized_float_tensor(tiny_store):

@@ -17,6 +17,7 @@ import torch
 from pydantic import Field, model_validator
 
 from r2led.data.batches import Batch
+from r2led.models.layers import ItemTableCache
 from r2led.models.retrieval import recency_keys, topk_keys
 from r2led.models.sim import TwoStageConfig, TwoStageModel
 from r2led.models.simhash import SimHash
@@ -39,17 +40,11 @@ class ETA(TwoStageModel):
     def __init__(self, cfg: EtaConfig, spec, sid=None):
         super().__init__(cfg, spec, sid)
         self.simhash = SimHash(cfg.dim, cfg.hash_bits)
-        self._signature_cache: tuple[int, torch.Tensor] | None = None
+        self._table_cache = ItemTableCache(self.simhash.signatures)
 
     def item_signatures(self) -> torch.Tensor:
         """(N+1, words) signatures of every item's ID embedding (cached in eval mode)."""
-        weight = self.items.id.weight
-        if self.training:
-            return self.simhash.signatures(weight)
-        version = weight._version
-        if self._signature_cache is None or self._signature_cache[0] != version:
-            self._signature_cache = (version, self.simhash.signatures(weight))
-        return self._signature_cache[1]
+        return self._table_cache(self.items.id.weight, self.training)
 
     @torch.no_grad()
     def search(self, batch: Batch, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

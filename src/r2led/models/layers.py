@@ -166,6 +166,27 @@ class MLP(nn.Module):
         return self.net(x).squeeze(-1)
 
 
+class ItemTableCache:
+    """A per-item value derived from an embedding table (SimHash signatures, hash codes).
+
+    Recomputed at every call while training (the table moves every step); in eval mode kept
+    until the table changes, as a server keeps it per item.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._key: tuple[int, int] | None = None
+        self._value: torch.Tensor | None = None
+
+    def __call__(self, weight: torch.Tensor, training: bool) -> torch.Tensor:
+        if training:
+            return self.fn(weight)
+        key = (weight.data_ptr(), weight._version)
+        if self._key != key:
+            self._key, self._value = key, self.fn(weight)
+        return self._value
+
+
 def per_unique_item(fn, items: torch.Tensor) -> torch.Tensor:
     """Apply an item-wise embedding function once per distinct item, then gather.
 

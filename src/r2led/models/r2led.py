@@ -22,7 +22,7 @@ from torch import nn
 from r2led.config import ModelConfig
 from r2led.data.batches import Batch
 from r2led.models.base import CtrModel, short_window
-from r2led.models.layers import DinAttention, TargetAttention, gather_behaviours, masked_softmax, per_unique_item
+from r2led.models.layers import DinAttention, ItemTableCache, TargetAttention, gather_behaviours, masked_softmax, per_unique_item
 from r2led.models.retrieval import index_history, mixed_topk, recency_keys, route_quota, shortlist, topk_keys
 from r2led.models.simhash import SimHash
 
@@ -118,7 +118,7 @@ class R2LED(CtrModel):
         self.short_attention = encoder()
         self.route_fusion = RouteFusion(d, cfg.route_fusion)
         self.head = self.make_head(4)
-        self._signature_cache: tuple[int, torch.Tensor] | None = None
+        self._table_cache = ItemTableCache(self.simhash.signatures)
 
     @classmethod
     def wants_sid(cls, cfg: R2ledConfig) -> bool:
@@ -131,13 +131,7 @@ class R2LED(CtrModel):
         Recomputed while training (embeddings move every step); cached in eval mode until the
         embedding table changes, as a server caches them per item.
         """
-        weight = self.items.id.weight
-        if self.training:
-            return self.simhash.signatures(weight)
-        version = weight._version
-        if self._signature_cache is None or self._signature_cache[0] != version:
-            self._signature_cache = (version, self.simhash.signatures(weight))
-        return self._signature_cache[1]
+        return self._table_cache(self.items.id.weight, self.training)
 
     @torch.no_grad()
     def retrieve_routes(self, target: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,19 +65,19 @@ def mixed_topk(keys: torch.Tensor, match: torch.Tensor, k: int, rho: float) -> t
     Returns index (B, R, k) into T and taken (B, R, k) bool; taken slots come first.
     """
     b, r, t = match.shape
-    keys_r = keys.unsqueeze(1).expand(b, r, t)  # (B, R, T)
     quota = route_quota(k, rho)
-    if quota == 0:
-        return topk_keys(keys_r, k)
-    m_index, m_taken = topk_keys(torch.where(match, keys_r, NEG), quota)  # (B, R, q)
-    # Mark the matches taken; untaken slots write into a spare column t (indices may repeat).
-    taken_t = torch.zeros(b, r, t + 1, dtype=torch.bool, device=keys.device)
-    taken_t.scatter_(2, torch.where(m_taken, m_index, t), True)
-    taken_t = taken_t[..., :t]
-    # Fill: the best behaviours not already taken, at most k (the first k - #matches are used).
-    f_index, f_taken = topk_keys(torch.where(taken_t, NEG, keys_r), k)  # (B, R, k)
-    index = torch.cat([m_index, f_index], dim=-1)  # (B, R, q + k)
-    taken = torch.cat([m_taken, f_taken], dim=-1)
+    if quota == 0:  # every route is the same collaborative top-k
+        index, taken = topk_keys(keys, k)  # (B, k)
+        return index.unsqueeze(1).expand(b, r, k).contiguous(), taken.unsqueeze(1).expand(b, r, k).contiguous()
+    m_index, m_taken = topk_keys(torch.where(match, keys.unsqueeze(1), NEG), quota)  # (B, R, q)
+    # Fill: the best behaviours the route's matches did not take. At most q are taken, so they
+    # are among the best k + q of the whole history: one top-k over (B, T) serves every route.
+    g_index, g_taken = topk_keys(keys, k + quota)  # (B, k+q), best first
+    g_index = g_index.unsqueeze(1).expand(b, r, k + quota)  # (B, R, k+q)
+    clash = (g_index.unsqueeze(-1) == m_index.unsqueeze(-2)) & m_taken.unsqueeze(-2)  # (B, R, k+q, q)
+    free = g_taken.unsqueeze(1) & ~clash.any(-1)  # (B, R, k+q): not a taken match
+    index = torch.cat([m_index, g_index], dim=-1)  # (B, R, q + k+q)
+    taken = torch.cat([m_taken, free], dim=-1)
     # Keep the first k taken slots in order (matches, then fills): order key = slot rank.
     slots = index.shape[-1]
     order = torch.where(taken, slots - torch.arange(slots, device=keys.device), torch.zeros_like(index))
@@ -169,8 +169,9 @@ def shortlist(
 
     item_keys: (C, U) each distinct item's best key for each candidate (``recency_keys`` of its
     similarity at its most recent position, in a history of ``length``). The semantic view:
-    item_tokens (U, R) and target_tokens (C, R), the prefix tokens each route matches on (None:
-    no semantic view). ``index`` must keep at least k + quota recent positions per item.
+    item_tokens (U, R) and target_tokens (C, R), the SID prefix tokens each route matches on,
+    coarsest route first (None: no semantic view). ``index`` must keep at least k + quota
+    recent positions per item.
 
     A route takes its top ``quota`` matching behaviours, then fills from the top k behaviours
     not taken, which are among the top k + quota overall. So the list is the exact top k +
@@ -179,8 +180,7 @@ def shortlist(
     """
     cand = [best_positions(item_keys, index, length, k + quota)]  # (C, k+q)
     if quota and item_tokens is not None:
-        for r in range(item_tokens.shape[1]):  # a loop over routes, not behaviours
-            cand.append(matched_positions(item_keys, index, length, quota, item_tokens[:, r], target_tokens[:, r]))
+        cand.append(matched_positions(item_keys, index, length, quota, item_tokens, target_tokens))  # (C, R q)
     cand = torch.cat(cand, dim=1).sort(dim=1).values  # (C, M), -1 first
     repeat = torch.zeros_like(cand, dtype=torch.bool)
     repeat[:, 1:] = cand[:, 1:] == cand[:, :-1]
@@ -188,25 +188,32 @@ def shortlist(
 
 
 def matched_positions(
-    item_keys: torch.Tensor, index: HistoryIndex, length: int, n: int, item_token: torch.Tensor, target_token: torch.Tensor
+    item_keys: torch.Tensor, index: HistoryIndex, length: int, n: int, item_tokens: torch.Tensor, target_tokens: torch.Tensor
 ) -> torch.Tensor:
-    """The n best-keyed behaviours (C, n) whose item's token equals the candidate's; -1 = none.
+    """Each route's n best-keyed behaviours whose item matches the candidate's prefix token:
+    (C, R n), route by route; -1 = none.
 
-    Items are bucketed by token (one sort of U), so a candidate reads only its own bucket,
-    padded to the largest bucket any candidate reads: (C, S) rather than (C, U).
+    SID prefixes nest (a match at a fine level is a match at every coarser one), so every
+    route's matches lie in the candidate's bucket of the coarsest route: items are bucketed by
+    that token (one sort of U) and a candidate reads only its bucket, padded to the largest
+    one read, (C, S) rather than (C, U); the finer routes mask it.
     """
-    token, order = torch.sort(item_token)  # (U,)
-    target_token = target_token.contiguous()
-    lo = torch.searchsorted(token, target_token)  # (C,)
-    hi = torch.searchsorted(token, target_token, right=True)
+    c, r = target_tokens.shape
+    token, order = torch.sort(item_tokens[:, 0])  # (U,)
+    coarse = target_tokens[:, 0].contiguous()
+    lo, hi = torch.searchsorted(token, torch.stack([coarse, coarse + 1]))  # (C,) each: the bucket
     width = int((hi - lo).max()) if len(lo) else 0
     if width == 0:
-        return item_keys.new_full((item_keys.shape[0], n), -1)
+        return item_keys.new_full((c, r * n), -1)
     col = lo.unsqueeze(1) + torch.arange(width, device=lo.device)  # (C, S)
-    inside = col < hi.unsqueeze(1)
-    item = order[col.clamp_max(len(order) - 1)]  # (C, S) item index per column
-    keys = torch.where(inside, torch.gather(item_keys, 1, item), NEG)  # (C, S)
-    return best_positions(keys, index, length, n, item)
+    item = order.index_select(0, col.clamp_max(len(order) - 1).view(-1)).view(col.shape)  # (C, S) item index
+    keys = torch.gather(item_keys, 1, item).masked_fill_(col >= hi.unsqueeze(1), NEG)  # (C, S)
+    if r > 1:  # the finer routes: the bucket's items whose finer prefix matches too
+        fine = item_tokens[:, 1:].index_select(0, item.view(-1)).view(c, width, r - 1)  # (C, S, R-1)
+        fine = (fine == target_tokens[:, 1:].unsqueeze(1)).transpose(1, 2)  # (C, R-1, S)
+        keys = torch.cat([keys.unsqueeze(1), torch.where(fine, keys.unsqueeze(1), NEG)], dim=1)  # (C, R, S)
+        item = item.unsqueeze(1).expand(c, r, width)
+    return best_positions(keys.reshape(c * r, width), index, length, n, item.reshape(c * r, width)).view(c, r * n)
 
 
 def best_positions(item_keys: torch.Tensor, index: HistoryIndex, length: int, n: int, item: torch.Tensor | None = None) -> torch.Tensor:
@@ -217,14 +224,13 @@ def best_positions(item_keys: torch.Tensor, index: HistoryIndex, length: int, n:
     item's most recent behaviour outranks it) and is among its item's n most recent: so only
     an (n x n) grid per row is keyed, like ``recency_keys`` (similarity * length + position).
     """
-    u = index.recent.shape[0]
-    if u == 0:
-        return item_keys.new_full((item_keys.shape[0], n), -1)
-    col, taken = topk_keys(item_keys, n)  # (C, n) best columns
-    best = torch.gather(item_keys, 1, col)  # (C, n) their keys
-    top = col if item is None else torch.gather(item, 1, col)  # (C, n) item index
-    grid = index.recent[top, :n]  # (C, n, n) their most recent positions
-    base = best - index.last[top]  # (C, n): similarity * length
-    keys = torch.where((grid >= 0) & taken.unsqueeze(-1), base.unsqueeze(-1) + grid, NEG).flatten(1)  # (C, n * n)
-    pick, found = topk_keys(keys, n)  # (C, n)
-    return torch.where(found, torch.gather(grid.flatten(1), 1, pick), -1)
+    c, s = item_keys.shape
+    if index.recent.shape[0] == 0 or s == 0:
+        return item_keys.new_full((c, n), -1)
+    best, col = torch.topk(item_keys, min(n, s), dim=1)  # (C, n') best columns and their keys
+    top = (col if item is None else torch.gather(item, 1, col)).reshape(-1)  # (C n') item index
+    grid = index.recent[:, :n].index_select(0, top).view(c, -1, n)  # (C, n', n) their recent positions
+    base = best - index.last.index_select(0, top).view(c, -1)  # (C, n'): similarity * length
+    keys = (base.unsqueeze(-1) + grid).masked_fill_((grid < 0) | (best < 0).unsqueeze(-1), NEG).view(c, -1)
+    found, pick = torch.topk(keys, n, dim=1)  # (C, n): n' n >= n
+    return torch.gather(grid.view(c, -1), 1, pick).masked_fill_(found < 0, -1)

@@ -29,7 +29,7 @@ from r2led.config import ModelConfig
 from r2led.data.batches import Batch
 from r2led.models.avgpool import pooled_behaviours
 from r2led.models.base import CtrModel, short_window
-from r2led.models.layers import TargetAttention, seeded_normal
+from r2led.models.layers import ItemTableCache, TargetAttention, seeded_normal
 
 
 class SdimConfig(ModelConfig):
@@ -49,7 +49,7 @@ class SDIM(CtrModel):
         self.proj = nn.Linear(d, d)
         self.short_attention = TargetAttention(d, cfg.heads)
         self.head = self.make_head(4)
-        self._code_cache: tuple[int, torch.Tensor] | None = None
+        self._table_cache = ItemTableCache(self.codes)
 
     # ---- hash-based sampling ------------------------------------------------------------
     @torch.no_grad()
@@ -61,13 +61,7 @@ class SDIM(CtrModel):
 
     def item_codes(self) -> torch.Tensor:
         """(N+1, rounds) codes of every item's ID embedding (cached in eval mode)."""
-        weight = self.items.id.weight
-        if self.training:
-            return self.codes(weight)
-        version = weight._version
-        if self._code_cache is None or self._code_cache[0] != version:
-            self._code_cache = (version, self.codes(weight))
-        return self._code_cache[1]
+        return self._table_cache(self.items.id.weight, self.training)
 
     @torch.no_grad()
     def collision_weights(self, target: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
