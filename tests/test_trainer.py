@@ -129,3 +129,11 @@ def test_cli_train_and_evaluate(tiny_store, tmp_path):
     assert res.exit_code == 0, res.output
     saved = json.loads((out / "eval_test.json").read_text())
     assert saved["auc"] == pytest.approx(json.loads((out / "metrics.json").read_text())["test"]["auc"])
+
+
+def test_each_run_logs_to_its_own_file(tiny_store, tmp_path):
+    fit(tiny_store, tmp_path / "one", "train.epochs=1")
+    fit(tiny_store, tmp_path / "two", "train.epochs=1")
+    one = (tmp_path / "one" / "train.log").read_text()
+    two = (tmp_path / "two" / "train.log").read_text()
+    assert one.count("test auc") == 1 and two.count("test auc") == 1

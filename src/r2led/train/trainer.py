@@ -142,14 +142,14 @@ class Trainer:
         self.train_idx = self.store.split_indices("train")
         if cfg.train.max_train_samples:
             self.train_idx = self.train_idx[: cfg.train.max_train_samples]
+        self._log_handler: logging.Handler | None = None
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(
                 yaml.safe_dump({"data": str(Path(data).resolve()), **cfg.model_dump()}, sort_keys=False)
             )
-            handler = logging.FileHandler(self.out / "train.log")
-            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-            log.addHandler(handler)
+            self._log_handler = logging.FileHandler(self.out / "train.log")
+            self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
             log.setLevel(logging.INFO)
 
     # ---- state --------------------------------------------------------------------------
@@ -173,6 +173,18 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------
     def fit(self) -> dict:
+        """Train, early-stop on valid AUC, evaluate the best checkpoint on test; returns metrics."""
+        handler = self._log_handler
+        if handler is not None:  # this run's log file, for this fit only (several runs per process)
+            log.addHandler(handler)
+        try:
+            return self._fit()
+        finally:
+            if handler is not None:
+                log.removeHandler(handler)
+                handler.close()
+
+    def _fit(self) -> dict:
         tc = self.cfg.train
         t_start = time.perf_counter()
         epoch, start_batch, best, bad, history = 0, 0, -1.0, 0, []
