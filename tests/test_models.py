@@ -116,3 +116,14 @@ def test_empty_history_gives_a_prediction(tiny_store):
     batch.hist_items[:] = 0
     batch.hist_signal[:] = 0
     assert torch.isfinite(model(batch)).all()
+
+
+def test_din_activation_unit_equals_the_concatenated_form():
+    from r2led.models.layers import DinAttention
+
+    torch.manual_seed(0)
+    unit = DinAttention(8)
+    q, k = torch.randn(3, 2, 8), torch.randn(3, 2, 5, 8)
+    qe = q.unsqueeze(-2).expand_as(k)
+    reference = unit.unit(torch.cat([qe, k, qe - k, qe * k], dim=-1)).squeeze(-1)
+    assert torch.allclose(unit.scores(q, k), reference, atol=1e-5)

@@ -141,10 +141,21 @@ class DinAttention(nn.Module):
         layers.append(nn.Linear(width, 1))
         self.unit = nn.Sequential(*layers)
 
+    def scores(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """(..., d), (..., n, d) -> (..., n) activation-unit logits.
+
+        The first layer on ``[q, k, q-k, q*k]`` is computed as ``q (W_q + W_d) + k (W_k - W_d)
+        + (q*k) W_p``: the same function, with the query's part once per row instead of once
+        per behaviour and no (..., n, 4d) concatenation.
+        """
+        first = self.unit[0]
+        w_q, w_k, w_d, w_p = first.weight.chunk(4, dim=1)  # each (h1, d)
+        per_query = F.linear(query, w_q + w_d, first.bias).unsqueeze(-2)  # (..., 1, h1)
+        hidden = per_query + F.linear(keys, w_k - w_d) + F.linear(query.unsqueeze(-2) * keys, w_p)  # (..., n, h1)
+        return self.unit[1:](hidden).squeeze(-1)
+
     def forward(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        q = query.unsqueeze(-2).expand_as(keys)  # (..., n, d)
-        scores = self.unit(torch.cat([q, keys, q - keys, q * keys], dim=-1)).squeeze(-1)  # (..., n)
-        weights = masked_softmax(scores, mask)
+        weights = masked_softmax(self.scores(query, keys), mask)  # (..., n)
         return (weights.unsqueeze(-1) * values).sum(-2)
 
 
