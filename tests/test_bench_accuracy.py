@@ -24,3 +24,12 @@ def test_accuracy_benchmark_writes_tables_plot_and_pvalues(tiny_store, tmp_path)
     again = run_accuracy(tiny_store.root, ["r2led", "din"], 2, out, overrides=FAST, ablations=True, fairness=True)
     assert (out / "runs" / "din" / "seed0" / "metrics.json").stat().st_mtime == stamp
     assert again["din"]["test"] == results["din"]["test"]
+
+
+def test_report_only_tabulates_finished_runs_and_trains_nothing(tiny_store, tmp_path):
+    out = tmp_path / "res"
+    run_accuracy(tiny_store.root, ["din"], 1, out, overrides=FAST, ablations=False)
+    results = run_accuracy(tiny_store.root, ["din", "eta"], 2, out, overrides=FAST, ablations=False, report_only=True)
+    assert set(results) == {"din"} and len(results["din"]["seeds"]) == 1
+    assert not (out / "runs" / "eta").exists() and not (out / "runs" / "din" / "seed1").exists()
+    assert "| din | 1 |" in (out / "results.md").read_text()

@@ -113,8 +113,13 @@ def run_accuracy(
     ablations: bool = True,
     fairness: bool = False,
     variant_seeds: int | None = None,
+    report_only: bool = False,
 ) -> dict:
-    """Train every job x seed (reusing finished runs), then write results.json/.md and auc.png."""
+    """Train every job x seed (reusing finished runs), then write results.json/.md and auc.png.
+
+    ``report_only``: train nothing; tabulate the runs that have finished (the tables say how
+    many seeds each row has).
+    """
     data, out = Path(data), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     store = LifelongStore(data)
@@ -124,11 +129,11 @@ def run_accuracy(
     seed_list = list(range(seeds))
     # fairness-control and ablation variants may run fewer seeds (their tables say how many)
     variant_list = seed_list[: variant_seeds] if variant_seeds else seed_list
-    jobs = [Job(m, m, tuned[m], "main", seed_list) for m in models]
+    jobs = [Job(m, m, tuned[m], "main", list(seed_list)) for m in models]
     if fairness:
-        jobs += [Job(f"{m} +sid", m, [*tuned[m], "model.sid_features=true"], "fairness", variant_list) for m in models if m != "r2led"]
+        jobs += [Job(f"{m} +sid", m, [*tuned[m], "model.sid_features=true"], "fairness", list(variant_list)) for m in models if m != "r2led"]
     if ablations and "r2led" in models:
-        jobs += [Job(f"r2led {name}", "r2led", [*tuned["r2led"], *ov], "ablation", variant_list) for name, ov in ABLATIONS.items()]
+        jobs += [Job(f"r2led {name}", "r2led", [*tuned["r2led"], *ov], "ablation", list(variant_list)) for name, ov in ABLATIONS.items()]
 
     results: dict[str, dict] = {}
     total = sum(len(j.seeds) for j in jobs)
@@ -136,12 +141,15 @@ def run_accuracy(
         task = bar.add_task("runs", total=total)
         for job in jobs:
             per_seed = []
-            for seed in job.seeds:
+            for seed in list(job.seeds):
                 bar.update(task, description=f"{job.label} seed {seed}")
-                metrics = _train(data, job, seed, job.run_dir(out, seed), files, overrides)
-                per_seed.append(metrics)
                 bar.advance(task)
-            results[job.label] = {"model": job.model, "group": job.group, "overrides": job.overrides, "seeds": per_seed, **_summary(per_seed)}
+                if report_only and not (job.run_dir(out, seed) / "metrics.json").is_file():
+                    job.seeds.remove(seed)
+                    continue
+                per_seed.append(_train(data, job, seed, job.run_dir(out, seed), files, overrides))
+            if per_seed:
+                results[job.label] = {"model": job.model, "group": job.group, "overrides": job.overrides, "seeds": per_seed, **_summary(per_seed)}
 
     _significance(store, jobs, results, out)
     meta = {

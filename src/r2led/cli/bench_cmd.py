@@ -25,11 +25,12 @@ def accuracy(
     ablations: bool = typer.Option(True, help="also run R2LED's ablation switches"),
     fairness: bool = typer.Option(False, help="also run every baseline with model.sid_features=true"),
     variant_seeds: int | None = typer.Option(None, help="seeds for the fairness and ablation variants (default: --seeds)"),
+    report_only: bool = typer.Option(False, help="train nothing: tabulate the finished runs"),
 ) -> None:
     """Train every model x seed on the same protocol; tables, significance tests and plots."""
     from r2led.bench.accuracy import run_accuracy
 
-    run_accuracy(data, _csv(models), seeds, out, config_files=config, overrides=set_, search=search, ablations=ablations, fairness=fairness, variant_seeds=variant_seeds)
+    run_accuracy(data, _csv(models), seeds, out, config_files=config, overrides=set_, search=search, ablations=ablations, fairness=fairness, variant_seeds=variant_seeds, report_only=report_only)
 
 
 @bench_app.command("speed")
