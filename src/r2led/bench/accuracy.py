@@ -180,7 +180,7 @@ def _significance(store: LifelongStore, jobs: list[Job], results: dict, out: Pat
     label = store.sample_arrays["label"][store.split_indices("test")]
     ref = {s: Job("r2led", "r2led", [], "main").run_dir(out, s) for s in range(len(results["r2led"]["seeds"]))}
     for job in jobs:
-        if job.label == "r2led":
+        if job.label == "r2led" or job.label not in results:
             continue
         pvals = []
         for seed in job.seeds:
