@@ -64,11 +64,15 @@ class CtrModel(nn.Module):
         if not self.cfg.history_profile:
             return users
         signal = batch.hist_signal  # (B, T), 0 = padding
-        counts = torch.zeros(signal.shape[0], self.spec.signal_size, device=signal.device)
-        counts.scatter_add_(1, signal, torch.ones_like(signal, dtype=counts.dtype))
+        shared = signal.shape[0] > 1 and signal.stride(0) == 0  # one history for many candidates
+        rows = signal[:1] if shared else signal
+        counts = torch.zeros(rows.shape[0], self.spec.signal_size, device=signal.device)
+        counts.scatter_add_(1, rows, torch.ones_like(rows, dtype=counts.dtype))
         length = counts[:, 1:].sum(1, keepdim=True)  # (B, 1)
-        shares = counts[:, 1:] / length.clamp_min(1.0)  # (B, S-1)
-        return torch.cat([users, shares, torch.log1p(length) / 8.0], dim=-1)
+        profile = torch.cat([counts[:, 1:] / length.clamp_min(1.0), torch.log1p(length) / 8.0], dim=-1)  # (B, S)
+        if shared:
+            profile = profile.expand(signal.shape[0], -1)
+        return torch.cat([users, profile], dim=-1)
 
     def head_input_dim(self, n_vectors: int) -> int:
         profile = self.spec.signal_size if self.cfg.history_profile else 0

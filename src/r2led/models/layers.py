@@ -206,7 +206,8 @@ def per_unique_item(fn, items: torch.Tensor) -> torch.Tensor:
     items (...,) -> (..., d)
     """
     uniq, inverse = torch.unique(items, return_inverse=True)
-    return fn(uniq)[inverse]
+    table = fn(uniq)  # (U, ...)
+    return table.index_select(0, inverse.reshape(-1)).reshape(*inverse.shape, *table.shape[1:])
 
 
 def weighted_sum_by_item(fn, items: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
