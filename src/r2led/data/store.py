@@ -33,6 +33,7 @@ import numpy as np
 import polars as pl
 
 from r2led import __version__
+from r2led.atomic import publish_folder
 from r2led.data.protocol import SPLITS, Protocol, global_order, split_ids
 from r2led.data.tables import CanonicalTables
 from r2led.errors import DataError
@@ -237,18 +238,7 @@ def build_store(tables: CanonicalTables, out: str | Path, protocol: Protocol | N
         manifest["prepare_seconds"] = round(time.perf_counter() - t0, 2)
         # The manifest is written last: a folder without one is never taken for a store.
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            try:
-                tmp.rename(out)
-            except BaseException:
-                old.rename(out)  # put the previous store back
-                raise
-            shutil.rmtree(old)
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp.rename(out)
+        publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -36,6 +36,7 @@ import torch
 import yaml
 
 from r2led import __version__
+from r2led.atomic import publish_folder
 from r2led.config import RunConfig, validate_config
 from r2led.data.batches import Batch
 from r2led.data.store import LifelongStore
@@ -129,29 +130,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path, force: bool = False) ->
         store.users.select("user", "key", *feature_names).write_parquet(tmp / "users.parquet")
         (tmp / "vocab.json").write_text(json.dumps(store.vocab))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: marks the folder complete
-        _replace(tmp, out)
+        publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        old.rename(out)  # put the previous export back
-        raise
-    shutil.rmtree(old)
-
-
-# ---- load ---------------------------------------------------------------------------------
 def load_exported(path: str | Path, max_candidates: int = DEFAULT_MAX_CANDIDATES) -> "ScoringModel":
     """Rebuild an exported model (no store needed); a missing or corrupt file raises
     ``CheckpointError`` naming it."""

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from r2led.atomic import publish_folder
 from r2led.errors import DataError
 
 
@@ -83,9 +84,7 @@ class SidTable:
             np.save(tmp / "prefix_tokens.npy", self.prefix_tokens)
             (tmp / "quality.json").write_text(json.dumps(self.quality, indent=2))
             (tmp / "meta.json").write_text(json.dumps({"settings": self.settings, "vocab_sizes": self.vocab_sizes}, indent=2))
-            if path.exists():
-                shutil.rmtree(path)
-            tmp.rename(path)
+            publish_folder(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
