@@ -215,21 +215,31 @@ def tfidf_embeddings(texts: list[str], dim: int = 128, seed: int = 0) -> np.ndar
 
     Items with empty text get a zero row. Raises DataError when no item has any word.
     """
-    from sklearn.decomposition import TruncatedSVD
     from sklearn.feature_extraction.text import TfidfVectorizer
-    from threadpoolctl import threadpool_limits
 
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1, dtype=np.float32)
     try:
         tfidf = vectorizer.fit_transform(texts)  # (N, V) sparse, rows L2-normalised
     except ValueError as exc:  # empty vocabulary: every text is empty or stop words
         raise DataError(f"tfidf encoder: the item texts hold no words ({exc}); use --encoder collaborative") from exc
-    components = min(dim, tfidf.shape[1] - 1, tfidf.shape[0] - 1)
+    return svd_reduce(tfidf, dim, seed)
+
+
+def svd_reduce(matrix, dim: int, seed: int) -> np.ndarray:
+    """Rows of a sparse (N, V) matrix reduced to <= dim components by truncated SVD, L2-normalised.
+
+    Single-threaded on purpose: the randomized SVD's output changed with the thread count,
+    and codes must not depend on machine load.
+    """
+    from sklearn.decomposition import TruncatedSVD
+    from threadpoolctl import threadpool_limits
+
+    components = min(dim, matrix.shape[0] - 1, matrix.shape[1] - 1)
     if components < 1:
-        return l2_normalize(tfidf.toarray())
+        return l2_normalize(matrix.toarray())
     svd = TruncatedSVD(n_components=components, algorithm="randomized", n_iter=7, random_state=seed)
     with threadpool_limits(limits=SVD_THREADS):
-        return l2_normalize(svd.fit_transform(tfidf))  # (N, components)
+        return l2_normalize(svd.fit_transform(matrix))  # (N, components)
 
 
 # ---- collaborative ---------------------------------------------------------------------------
@@ -243,8 +253,6 @@ def collaborative_embeddings(
     users do not dominate the factors. Items nobody touched get a zero row.
     """
     import scipy.sparse as sp
-    from sklearn.decomposition import TruncatedSVD
-    from threadpoolctl import threadpool_limits
 
     offsets = np.asarray(offsets, dtype=np.int64)
     items = np.asarray(seq_items, dtype=np.int64)
@@ -257,12 +265,7 @@ def collaborative_embeddings(
     matrix = matrix @ sp.diags(1.0 / np.sqrt(np.maximum(per_user, 1.0))).astype(np.float32)
     if matrix.nnz == 0:
         raise DataError("collaborative encoder: the store holds no interactions")
-    components = min(dim, matrix.shape[0] - 1, matrix.shape[1] - 1)
-    if components < 1:
-        return l2_normalize(matrix.toarray())
-    svd = TruncatedSVD(n_components=components, algorithm="randomized", n_iter=7, random_state=seed)
-    with threadpool_limits(limits=SVD_THREADS):
-        return l2_normalize(svd.fit_transform(matrix))  # (N, components)
+    return svd_reduce(matrix, dim, seed)
 
 
 # ---- entry point -----------------------------------------------------------------------------
