@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from r2led.data.store import LifelongStore, build_store
 from r2led.data.tables import CanonicalTables
@@ -54,18 +52,3 @@ def tiny_store(tmp_path_factory) -> LifelongStore:
     store = build_store(make_tables(), root)
     group_sid(store.n_items).save(root / "sid")
     return store
-
-
-class FloatTensorSizes(TorchDispatchMode):
-    """Records the size of every floating-point tensor an operation produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                self.largest = max(self.largest, t.numel())
-        return out

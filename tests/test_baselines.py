@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import FloatTensorSizes
+from r2led.bench.speed import FloatTensorSizes
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.nn import functional as F
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import FloatTensorSizes
+from r2led.bench.speed import FloatTensorSizes
 
 from r2led.config import load_config
 from r2led.data.batches import make_batch
