@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
@@ -137,3 +138,16 @@ def test_each_run_logs_to_its_own_file(tiny_store, tmp_path):
     one = (tmp_path / "one" / "train.log").read_text()
     two = (tmp_path / "two" / "train.log").read_text()
     assert one.count("test auc") == 1 and two.count("test auc") == 1
+
+
+def test_run_folder_keeps_model_specific_settings(tiny_store, tmp_path):
+    """config.yaml and the checkpoints hold the model's own fields (rho, gate, ...), so that
+    load_run rebuilds the ablation that was trained, not the default model."""
+    from r2led.train.trainer import load_run
+
+    fit(tiny_store, tmp_path / "run", "train.epochs=1", "model.rho=0.25", "model.gate=off", "model.routes=2")
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]
+    assert saved["rho"] == 0.25 and saved["gate"] is False and saved["routes"] == 2
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["config"]["model"]["rho"] == 0.25
+    model, _, cfg = load_run(tmp_path / "run")
+    assert cfg.model.rho == 0.25 and model.gate.proj is None and model.n_routes == 2

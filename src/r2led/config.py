@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
 from r2led.errors import ConfigError
 
@@ -58,7 +58,8 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sid: str = Field("sid", description="SID table folder, relative to the data folder")
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    # SerializeAsAny: dump the model-specific class's fields (k, rho, ...), not only the base's.
+    model: SerializeAsAny[ModelConfig] = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @field_validator("model", mode="before")
