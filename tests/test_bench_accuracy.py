@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
+
 from r2led.bench.accuracy import ABLATIONS, run_accuracy
+from r2led.errors import ConfigError
 
 FAST = ["train.lr=0.01", "train.batch_size=64", "train.eval_batch_size=256", "train.t_max=64", "train.threads=1", "train.epochs=1"]
 
@@ -33,3 +36,14 @@ def test_report_only_tabulates_finished_runs_and_trains_nothing(tiny_store, tmp_
     assert set(results) == {"din"} and len(results["din"]["seeds"]) == 1
     assert not (out / "runs" / "eta").exists() and not (out / "runs" / "din" / "seed1").exists()
     assert "| din | 1 |" in (out / "results.md").read_text()
+
+
+def test_a_finished_run_with_other_settings_is_refused_not_reused(tiny_store, tmp_path):
+    out = tmp_path / "res"
+    run_accuracy(tiny_store.root, ["din"], 1, out, overrides=FAST, ablations=False)
+    # the same command with threads changed reuses the run (threads do not change the model)
+    run_accuracy(tiny_store.root, ["din"], 1, out, overrides=[*FAST, "train.threads=2"], ablations=False)
+    with pytest.raises(ConfigError, match=r"model.dropout: 0.0 in the run, 0.1 now"):
+        run_accuracy(tiny_store.root, ["din"], 1, out, overrides=[*FAST, "model.dropout=0.1"], ablations=False)
+    with pytest.raises(ConfigError, match=r"train.lr: 0.01 in the run, 0.02 now"):
+        run_accuracy(tiny_store.root, ["din"], 1, out, overrides=[*FAST, "train.lr=0.02"], ablations=False, report_only=True)

@@ -26,7 +26,8 @@ import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from r2led.cli.common import console, print_table
-from r2led.config import load_config
+from r2led.config import load_config, validate_config
+from r2led.errors import ConfigError
 from r2led.data.store import LifelongStore
 from r2led.bench.significance import delong_test
 
@@ -60,11 +61,33 @@ class Job:
 def _train(data: Path, job: Job, seed: int, run: Path, files: list[Path], overrides: list[str]) -> dict:
     from r2led.train.trainer import Trainer
 
+    cfg = load_config(files, [*overrides, *job.overrides, f"train.seed={seed}"], base={"model": {"name": job.model}})
     done = run / "metrics.json"
+    if (run / "config.yaml").is_file():
+        _check_same_settings(run, cfg)
     if done.is_file():
         return json.loads(done.read_text())
-    cfg = load_config(files, [*overrides, *job.overrides, f"train.seed={seed}"], base={"model": {"name": job.model}})
     return Trainer(data, cfg, run, resume=True, show_progress=False).fit()
+
+
+def _check_same_settings(run: Path, cfg) -> None:
+    """Refuse to reuse (or resume) a run folder trained with other settings than ``cfg``:
+    a changed default or config file would otherwise mix two models in one table."""
+    tree = yaml.safe_load((run / "config.yaml").read_text())
+    tree.pop("data", None)
+    saved = validate_config(tree).model_dump()
+    wanted = cfg.model_dump()
+    ignore = {("train", "threads")}  # how a run was computed, not what it computes
+    diff = [
+        f"{section}.{key}: {saved[section].get(key)!r} in the run, {value!r} now"
+        for section in ("model", "train")
+        for key, value in wanted[section].items()
+        if (section, key) not in ignore and saved[section].get(key) != value
+    ]
+    if saved["sid"] != wanted["sid"]:
+        diff.append(f"sid: {saved['sid']!r} in the run, {wanted['sid']!r} now")
+    if diff:
+        raise ConfigError(f"{run} was trained with other settings; delete it or use another --out:\n  " + "\n  ".join(diff))
 
 
 def search_on_valid(data: Path, models: list[str], out: Path, files: list[Path], overrides: list[str]) -> dict[str, list[str]]:
