@@ -21,7 +21,7 @@ from r2led.config import load_config
 from r2led.errors import ConfigError
 from r2led.models.din import DIN, DinConfig
 from r2led.models.registry import MODELS, build_model
-from r2led.models.retrieval import index_history
+from r2led.models.retrieval import FAR, index_history
 from r2led.models.simhash import SimHash, popcount64
 
 TINY = dict(candidates=8, repeats=2, train_batch=8, items=300, seed=0)
@@ -159,7 +159,10 @@ def cat():
     return synthetic_catalogue(300, seed=0)
 
 
-SWITCHES = [{}, {"rho": 0}, {"rho": 1}, {"rho": 0.5, "k": 7}, {"routes": 1}, {"sid": "off"}, {"k": 1}]
+SWITCHES = [
+    {}, {"rho": 0}, {"rho": 1}, {"rho": 0.5, "k": 7}, {"routes": 1}, {"sid": "off"}, {"k": 1},
+    {"disjoint_routes": "true"}, {"disjoint_routes": "true", "rho": 0}, {"disjoint_routes": "true", "rho": 0.5, "k": 7}, {"disjoint_routes": "true", "routes": 2},
+]
 
 
 @pytest.mark.parametrize("overrides", SWITCHES)
@@ -180,14 +183,14 @@ def test_shared_path_equals_the_batch_path(cat, overrides, t, absent, structured
     s_index, s_taken = model.retrieve_routes_shared(target, hist, mask)
     assert torch.equal(taken, s_taken)
     assert torch.equal(index[taken], s_index[s_taken])  # the same behaviours, in the same slots
-    if t * model.n_routes > model.SHARED_PATH_WORK:  # an expand-ed history takes the shared path by itself
+    if len(target) > 1:  # an expand-ed history takes the shared path by itself
         e_index, e_taken = model.retrieve_routes(target, hist.expand(rows), mask.expand(rows))
         assert torch.equal(e_taken, taken) and torch.equal(e_index[e_taken], index[taken])
 
 
 def test_shared_path_gives_the_same_scores_and_no_history_sized_float(cat):
     model = r2led(cat)
-    t = 2 * model.SHARED_PATH_WORK // model.n_routes
+    t = 2 * model.DENSE_LENGTH  # past it the serving path indexes the history by item
     rng = np.random.default_rng(0)
     hist, signal, feats, interests = synthetic_histories(cat, 1, t, rng)
     candidates = draw_candidates(cat, interests[0], 40, rng)
@@ -205,12 +208,15 @@ def test_shared_path_gives_the_same_scores_and_no_history_sized_float(cat):
 def test_index_history_keeps_each_items_most_recent_positions():
     hist = torch.tensor([0, 5, 3, 5, 5, 3, 9])
     mask = hist > 0
-    index = index_history(hist, mask, depth=2)
+    index = index_history(hist, mask)
     assert index.items.tolist() == [3, 5, 9]
-    assert index.recent.tolist() == [[5, 2], [4, 3], [6, -1]]
-    assert index.last.tolist() == [5, 4, 6]
-    empty = index_history(hist, torch.zeros_like(mask), depth=2)
-    assert empty.items.numel() == 0 and empty.recent.shape == (0, 2)
+    assert index.recent(torch.arange(3), 2).tolist() == [[5, 2], [4, 3], [6, FAR]]  # FAR: past the item's count
+    assert index.last.tolist() == [5, 4, 6] and index.count.tolist() == [2, 3, 1]
+    ranked = index_history(hist, mask, rank=torch.tensor([0, 0, 0, 9, 0, 5, 0, 0, 0, 1]))
+    assert ranked.items.tolist() == [9, 5, 3] and ranked.rank.tolist() == [1, 5, 9]
+    assert ranked.recent(torch.arange(3), 3).tolist() == [[6, FAR, FAR], [4, 3, 1], [5, 2, FAR]]
+    empty = index_history(hist, torch.zeros_like(mask))
+    assert empty.items.numel() == 0 and empty.recent(empty.items, 2).shape == (0, 2)
 
 
 def test_pairwise_hamming_equals_popcounts_and_popcount_keeps_its_input():

@@ -34,6 +34,10 @@ def batch(tiny_store):
         ("r2led", {"gate": "off"}),
         ("r2led", {"route_fusion": "mean"}),
         ("r2led", {"sid": "off"}),
+        ("r2led", {"disjoint_routes": "off"}),
+        ("r2led", {"route_mass": "off"}),
+        ("r2led", {"sid_refine": "off"}),
+        ("r2led", {"attention": "mha"}),
         ("din", {}),
         ("din-long", {}),
         ("din", {"sid_features": True}),
@@ -74,18 +78,25 @@ def test_retrieval_never_looks_at_or_past_the_sample(tiny_store, batch):
                 assert tiny_store.seq_items[row] == batch.hist_items[b, slot]
 
 
-def test_semantic_view_takes_prefix_matches_first(tiny_store, batch):
-    model = build(tiny_store, k=4, rho=1.0).eval()
+@pytest.mark.parametrize("disjoint", [True, False])
+def test_semantic_view_takes_prefix_matches_first(tiny_store, batch, disjoint):
+    model = build(tiny_store, k=4, rho=1.0, disjoint_routes=disjoint).eval()
     index, taken = model.retrieve_routes(batch.target, batch.hist_items, batch.hist_mask)
     tokens = model.items.tokens
     for b in range(len(batch)):
         t_tok = tokens(batch.target[b])
-        for r, level in enumerate(model.route_levels):
-            chosen = batch.hist_items[b, index[b, r][taken[b, r]]]
-            n_match = int(((tokens(batch.hist_items[b])[:, level] == t_tok[level]) & batch.hist_mask[b]).sum())
+        free = batch.hist_mask[b].clone()  # disjoint routes: what the finer routes left
+        for r in reversed(range(len(model.route_levels))):
+            level = model.route_levels[r]
+            positions = index[b, r][taken[b, r]]
+            chosen = batch.hist_items[b, positions]
+            n_match = int(((tokens(batch.hist_items[b])[:, level] == t_tok[level]) & free).sum())
             matched = tokens(chosen)[:, level] == t_tok[level]
             expect = min(n_match, 4)
             assert matched[:expect].all() and not matched[expect:].any()
+            if disjoint:
+                assert free[positions].all()  # never a behaviour a finer route took
+                free[positions] = False
 
 
 def test_retrieval_builds_no_history_sized_float_tensor(tiny_store):
@@ -138,3 +149,45 @@ def test_history_profile_is_the_same_for_a_shared_history(tiny_store, batch):
     shares = model.user_repr(copied)[0, -model.spec.signal_size : -1]
     counts = torch.bincount(one[0][one[0] > 0], minlength=model.spec.signal_size)[1:].float()
     assert torch.allclose(shares, counts / counts.sum())
+
+
+@pytest.mark.parametrize("encoder", ["din", "mha"])
+def test_attend_with_mass_is_the_encoder_plus_its_log_partition(encoder):
+    from r2led.models.layers import DinAttention, TargetAttention
+    from r2led.models.r2led import attend_with_mass
+
+    torch.manual_seed(0)
+    enc = DinAttention(8) if encoder == "din" else TargetAttention(8, 2)
+    query, kv = torch.randn(5, 3, 8), torch.randn(5, 3, 6, 8)
+    mask = torch.rand(5, 3, 6) > 0.3
+    mask[0, 1] = False  # an empty route
+    pooled, mass = attend_with_mass(enc, query, kv, mask)
+    assert torch.allclose(pooled, enc(query, kv, kv, mask), atol=1e-6)
+    scores = enc.scores(query, kv)
+    if encoder == "mha":
+        expected = torch.logsumexp(scores.masked_fill(~mask.unsqueeze(-1), float("-inf")), -2).mean(-1)
+    else:
+        expected = torch.logsumexp(scores.masked_fill(~mask, float("-inf")), -1)
+    assert torch.allclose(mass[mask.any(-1)], expected[mask.any(-1)], atol=1e-5)
+    assert mass[0, 1] == float("-inf")
+
+
+def test_route_fusion_with_mass_can_be_one_softmax_over_every_route():
+    """With the cross-attention's query/key part at zero and identity values, fusing the
+    routes by their mass is exactly one softmax over all their behaviours."""
+    from r2led.models.layers import DinAttention
+    from r2led.models.r2led import RouteFusion, attend_with_mass
+
+    torch.manual_seed(1)
+    enc, fusion = DinAttention(8), RouteFusion(8)
+    with torch.no_grad():
+        fusion.q.weight.zero_()
+        fusion.v.weight.copy_(torch.eye(8))
+    target, kv = torch.randn(4, 8), torch.randn(4, 3, 5, 8)
+    mask = torch.rand(4, 3, 5) > 0.2
+    mask[2, 0] = False
+    routes, mass = attend_with_mass(enc, target.unsqueeze(1).expand(-1, 3, -1), kv, mask)
+    z = fusion(target, routes, mask.any(-1), mass)
+    joint = enc(target, kv.reshape(4, 15, 8), kv.reshape(4, 15, 8), mask.reshape(4, 15))
+    assert torch.allclose(z, joint, atol=1e-5)
+    assert not torch.allclose(fusion(target, routes, mask.any(-1)), joint, atol=1e-3)  # without the mass: not

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from r2led.models.retrieval import mixed_topk, recency_keys, topk_keys
+from r2led.models.retrieval import disjoint_mixed_topk, mixed_topk, recency_keys, topk_keys
 from r2led.models.simhash import SimHash, popcount64
 
 
@@ -85,6 +85,38 @@ def test_routes_are_independent():
     assert index[0, 0].tolist() == [0, 1]
     assert index[0, 1].tolist() == [4, 5]
     assert taken.all()
+
+
+def disjoint(sim, match, k, rho, mask=None):
+    index, taken = disjoint_mixed_topk(keys_of(sim, mask), torch.tensor([match]), k, rho)
+    return [index[0, r][taken[0, r]].tolist() for r in range(index.shape[1])]
+
+
+def test_disjoint_routes_finest_chooses_first_and_coarser_take_the_rest():
+    # positions:  0  1  2  3  4  5  6  7
+    sim = [7, 6, 5, 4, 3, 2, 1, 0]
+    coarse = [True, True, False, True, False, True, True, False]
+    fine = [False, True, False, False, False, True, False, False]  # nested in coarse
+    # fine route (k=3, quota 2): its matches 1, 5, then the best left: 0
+    # coarse route: matches not taken (3, 6), then the best left: 2
+    assert disjoint(sim, [coarse, fine], k=3, rho=0.5) == [[3, 6, 2], [1, 5, 0]]
+    # shared routes (mixed_topk) would give the coarse route 0 and 1 again
+    index, taken = mixed_topk(keys_of(sim), torch.tensor([[coarse, fine]]), 3, 0.5)
+    assert index[0, 0][taken[0, 0]].tolist() == [0, 1, 2]
+
+
+def test_disjoint_routes_without_semantic_view_are_bands_of_the_ranking():
+    sim = [3, 9, 4, 8, 5, 7, 6, 0, 1]
+    routes = disjoint(sim, [[False] * 9] * 3, k=2, rho=0.0)
+    assert routes == [[4, 2], [5, 6], [1, 3]]  # finest route: the top 2 (1, 3), then the next bands
+
+
+def test_disjoint_routes_run_out_before_padding():
+    sim, mask = [5, 4, 3, 2, 1], [False, True, True, True, True]
+    routes = disjoint(sim, [[True, True, True, True, True]] * 2, k=3, rho=1.0, mask=mask)
+    assert routes == [[4], [1, 2, 3]]  # 4 present behaviours, each taken once, padding never
+    flat = sum(routes, [])
+    assert len(flat) == len(set(flat))
 
 
 def test_topk_keys_pads_short_rows():

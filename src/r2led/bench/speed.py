@@ -707,7 +707,7 @@ def retrieval_float_check(contenders, cat: Catalogue, lengths: list[int], result
     request = make_workload(cat, t, 1, candidates, 1, seed).request(0, shared=True)
     ref.model.eval()
     with torch.no_grad():
-        ref.model.item_signatures()  # the per-item cache a server keeps
+        ref.model(request)  # the per-item caches a server keeps (signatures, tables), filled
         with FloatTensorSizes() as in_retrieval:
             ref.model.retrieve_routes(request.target, request.hist_items, request.hist_mask)
         with FloatTensorSizes() as in_request:
@@ -922,7 +922,7 @@ def speed_markdown(report: dict) -> str:
         lines.append(
             f"- `{BATCH_PATH}` is the same R2LED model given the history copied per candidate, so that its retrieval "
             "scores every (candidate, behaviour) pair as in training: it shows what the shared-history serving path "
-            "(`R2LED.retrieve_routes_shared`, identical results) buys."
+            "(`R2LED.serve` with `R2LED.retrieve_routes_shared`, the same scores) buys."
         )
     lines.append("- latency is wall-clock time on a machine shared with other work: see the load averages above; the "
                  "CPU-time table is less sensitive to it.")

@@ -1,4 +1,4 @@
-"""``r2led bench accuracy`` and ``r2led bench speed``."""
+"""``r2led bench accuracy``, ``r2led bench speed`` and ``r2led bench diagnose``."""
 
 from __future__ import annotations
 
@@ -50,5 +50,20 @@ def speed(
     run_speed([int(t) for t in _csv(lengths)], _csv(models), out, candidates=candidates, repeats=repeats, train_batch=train_batch, items=items, seed=seed)
 
 
+@bench_app.command("diagnose")
+def diagnose(
+    run: Path = typer.Argument(..., help="a finished R2LED run folder"),
+    compare: list[Path] = typer.Option([], "--compare", help="another finished run on the same data (repeatable)"),
+    out: Path = typer.Option(..., "--out", help="folder for diagnostics.json and diagnostics.md"),
+    every: int = typer.Option(10, min=1, help="retrieval statistics on every N-th test sample"),
+    buckets: int = typer.Option(5, min=1, help="item-popularity buckets"),
+) -> None:
+    """Per-route retrieval hit rates, gate weights by item popularity, AUC on tail items."""
+    from r2led.bench.diagnostics import diagnose as run_diagnose
+
+    run_diagnose(run, compare, out, every=every, n_buckets=buckets)
+    typer.echo((out / "diagnostics.md").read_text())
+
+
 def register(app: typer.Typer) -> None:
-    app.add_typer(bench_app, name="bench", help="Accuracy and speed benchmarks.")
+    app.add_typer(bench_app, name="bench", help="Accuracy and speed benchmarks, and diagnostics of trained runs.")

@@ -140,6 +140,7 @@ class DinAttention(nn.Module):
             width = size
         layers.append(nn.Linear(width, 1))
         self.unit = nn.Sequential(*layers)
+        self._serving = ModuleCache(self.serving_weights, self)
 
     def scores(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """(..., d), (..., n, d) -> (..., n) activation-unit logits.
@@ -157,6 +158,63 @@ class DinAttention(nn.Module):
     def forward(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         weights = masked_softmax(self.scores(query, keys), mask)  # (..., n)
         return (weights.unsqueeze(-1) * values).sum(-2)
+
+    def serving_weights(self) -> list[torch.Tensor]:
+        """The unit as plain matrix products on inputs with a trailing 1 (see ``attend``).
+
+        Returns [M_1, W_2, ..., W_L]: ``[q, 1] @ M_1`` viewed (d+1, h_1+1) is a row's first
+        layer ``A(q)``, so that ``[k, 1] @ A(q)`` = the first layer on ``[q, k, q-k, q*k]``
+        (the query's part and the bias on the trailing 1 of k); each W_l (h+1, h'+1) is a
+        linear layer with its bias as the last row. Every hidden output keeps a trailing 1
+        (PReLU leaves 1 as it is), so no bias is added apart and no input is concatenated.
+        """
+        linears = [m for m in self.unit if isinstance(m, nn.Linear)]
+        first, ones = linears[0], int(len(linears) > 1)  # a hidden layer carries the trailing 1
+        h, d = first.out_features, first.in_features // 4
+        w_q, w_k, w_d, w_p = first.weight.chunk(4, dim=1)  # each (h, d)
+        m = first.weight.new_zeros(d + 1, d + 1, h + ones)  # m[i, j]: the weight of q_i in row j of A(q)
+        m[range(d), range(d), :h] = w_p.t()  # (q * k) W_p
+        m[d, :d, :h] = (w_k - w_d).t()  # k (W_k - W_d), from the query's trailing 1
+        m[:d, d, :h] = (w_q + w_d).t()  # q (W_q + W_d), on the key's trailing 1
+        m[d, d, :h] = first.bias
+        if ones:
+            m[d, d, h] = 1.0
+        mats = [m.view(d + 1, -1)]
+        for i, layer in enumerate(linears[1:], start=2):
+            ones = int(i < len(linears))
+            w = layer.weight.new_zeros(layer.in_features + 1, layer.out_features + ones)
+            w[:-1, : layer.out_features] = layer.weight.t()
+            w[-1, : layer.out_features] = layer.bias
+            if ones:
+                w[-1, -1] = 1.0
+            mats.append(w)
+        return mats
+
+    def attend(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, mass: bool = False):
+        """``forward(query, keys, keys, mask)`` for one query per row, broadcast over the middle
+        dims, on inputs with a trailing 1: query (C, d+1), keys (C, ..., n, d+1), also the
+        values; mask (C, ..., n) -> (C, ..., d+1), the trailing column the weights' sum.
+        ``mass``: also the log-sum-exp of the logits over the present behaviours (C, ...),
+        -inf where none is.
+
+        The same function (float rounding aside) as one matrix product per layer, with the
+        matrices of ``serving_weights`` (kept until a parameter changes, in eval mode without
+        autograd): ``A(q)`` for every row at once, then one batched product for the whole first
+        layer, one product for each further layer; few and large operations.
+        """
+        c, *lead, n, d1 = keys.shape
+        if n == 0:  # no behaviour: as an all-masked row
+            out = query.new_zeros(c, *lead, d1)
+            return (out, query.new_full((c, *lead), float("-inf"))) if mass else out
+        first, *rest = self._serving(self.training)
+        x = torch.bmm(keys.reshape(c, -1, d1), (query @ first).view(c, d1, -1))  # (C, S, h1 [+1])
+        for act, w in zip((m for m in self.unit if isinstance(m, nn.PReLU)), rest):
+            x = act(x) @ w
+        scores = x.view(mask.shape).masked_fill(~mask, float("-inf"))  # (C, ..., n)
+        weights = torch.nan_to_num(torch.softmax(scores, -1), nan=0.0)  # as masked_softmax
+        groups = x.shape[1] // n * c
+        out = torch.bmm(weights.view(groups, 1, n), keys.reshape(groups, n, d1)).view(c, *lead, d1)
+        return (out, torch.logsumexp(scores, -1)) if mass else out
 
 
 class MLP(nn.Module):
@@ -177,7 +235,26 @@ class MLP(nn.Module):
         return self.net(x).squeeze(-1)
 
 
-class ItemTableCache:
+class VersionedCache:
+    """The last value computed from some tensors, kept until one of them changes.
+
+    A tensor "changes" when its storage or its version counter does: every in-place write
+    (an optimizer step, ``load_state_dict``, ``.to()``, ``with torch.no_grad(): w.mul_(...)``)
+    bumps the counter. A write through ``.data`` does not, so it is not seen.
+    """
+
+    def __init__(self):
+        self._entry: tuple[tuple, object] | None = None  # (key, value), replaced as one object
+
+    def get(self, tensors, compute):
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        entry = self._entry
+        if entry is None or entry[0] != key:
+            entry = self._entry = (key, compute())
+        return entry[1]
+
+
+class ItemTableCache(VersionedCache):
     """A per-item value derived from an embedding table (SimHash signatures, hash codes).
 
     Recomputed at every call while training (the table moves every step); in eval mode kept
@@ -185,17 +262,35 @@ class ItemTableCache:
     """
 
     def __init__(self, fn):
+        super().__init__()
         self.fn = fn
-        self._key: tuple[int, int] | None = None
-        self._value: torch.Tensor | None = None
 
     def __call__(self, weight: torch.Tensor, training: bool) -> torch.Tensor:
         if training:
             return self.fn(weight)
-        key = (weight.data_ptr(), weight._version)
-        if self._key != key:
-            self._key, self._value = key, self.fn(weight)
-        return self._value
+        return self.get((weight,), lambda: self.fn(weight))
+
+
+class ModuleCache(VersionedCache):
+    """A value computed from the parameters and buffers of some modules only, for serving.
+
+    ``fn()`` runs at every call while training or while autograd records (the value must carry
+    gradients and follow every step); otherwise the value is kept until a parameter or buffer
+    of ``modules`` changes (see ``VersionedCache``), as a server keeps per-item values.
+    """
+
+    def __init__(self, fn, *modules: nn.Module | None):
+        super().__init__()
+        self.fn = fn
+        self.modules = [m for m in modules if m is not None]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for m in self.modules for t in (*m.parameters(), *m.buffers())]
+
+    def __call__(self, training: bool) -> torch.Tensor:
+        if training or torch.is_grad_enabled():
+            return self.fn()
+        return self.get(self.tensors(), self.fn)
 
 
 def per_unique_item(fn, items: torch.Tensor) -> torch.Tensor:

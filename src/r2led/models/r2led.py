@@ -18,12 +18,23 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 from torch import nn
+from torch.nn import functional as F
 
 from r2led.config import ModelConfig
 from r2led.data.batches import Batch
 from r2led.models.base import CtrModel, short_window
-from r2led.models.layers import DinAttention, ItemTableCache, TargetAttention, gather_behaviours, masked_softmax, per_unique_item
-from r2led.models.retrieval import index_history, mixed_topk, recency_keys, route_quota, shortlist, topk_keys
+from r2led.models.layers import DinAttention, ItemTableCache, ModuleCache, TargetAttention, gather_behaviours, masked_softmax, per_unique_item
+from r2led.models.retrieval import (
+    dense_route_positions,
+    disjoint_mixed_topk,
+    index_history,
+    mixed_topk,
+    prefix_ranks,
+    recency_keys,
+    route_positions,
+    route_quota,
+    topk_keys,
+)
 from r2led.models.simhash import SimHash
 
 
@@ -36,6 +47,13 @@ class R2ledConfig(ModelConfig):
     # on/off switches are booleans: YAML reads `--set model.gate=off` as false.
     gate: bool = Field(True, description="off: e~ = e + mean_l s_l")
     route_fusion: Literal["attention", "mean"] = Field("attention", description="mean: no cross-attention over routes")
+    disjoint_routes: bool = Field(
+        True, description="routes never share a behaviour: the finest route chooses first, coarser ones take what is left"
+    )
+    route_mass: bool = Field(
+        True, description="route fusion adds each route's attention mass (log-sum-exp of its encoder's scores) to its logit"
+    )
+    sid_refine: bool = Field(True, description="off: SIDs in retrieval only; refinement sees ID embeddings (no gate)")
     sid: bool = Field(True, description="off: no SIDs anywhere (one collaborative route of R*k, ETA-like)")
     attention: Literal["mha", "din"] = Field(
         "din", description="per-route encoder: multi-head dot-product target attention, or DIN's activation unit"
@@ -75,14 +93,37 @@ class RouteFusion(nn.Module):
             self.q, self.k, self.v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
         self.scale = dim**-0.5
 
-    def forward(self, target: torch.Tensor, routes: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    def forward(self, target: torch.Tensor, routes: torch.Tensor, present: torch.Tensor, mass: torch.Tensor | None = None) -> torch.Tensor:
         # target (B, d), routes (B, R, d), present (B, R) bool: the route retrieved something
         if self.mode == "mean":
             w = present.float()
             return (routes * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
         scores = (self.k(routes) @ self.q(target).unsqueeze(-1)).squeeze(-1) * self.scale  # (B, R)
+        if mass is not None:
+            scores = scores + mass.masked_fill(~present, 0.0)
         weights = masked_softmax(scores, present)  # (B, R)
         return (weights.unsqueeze(-1) * self.v(routes)).sum(1)  # (B, d)
+
+
+def attend_with_mass(encoder: nn.Module, query: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``encoder(query, kv, kv, mask)`` and the log-sum-exp of its attention logits over the
+    present behaviours (the mean over heads for multi-head attention): (..., d), (...).
+
+    The log-sum-exp is the route's attention *mass*: a route fusion that adds it to the
+    routes' logits can weigh them as one softmax over all their behaviours would. A route
+    with no behaviour gets -inf (and zeros).
+    """
+    scores = encoder.scores(query, kv)  # (..., n) DIN's unit; (..., n, h) multi-head
+    heads = scores.dim() > mask.dim()
+    dim = -2 if heads else -1
+    scores = scores.masked_fill(~(mask.unsqueeze(-1) if heads else mask), float("-inf"))
+    mass = torch.logsumexp(scores, dim)
+    weights = torch.nan_to_num(torch.softmax(scores, dim), nan=0.0)
+    if not heads:
+        return (weights.unsqueeze(-1) * kv).sum(-2), mass
+    *lead, n, d = kv.shape
+    values = encoder.v(kv).view(*lead, n, encoder.heads, encoder.head_dim)
+    return encoder.out((weights.unsqueeze(-1) * values).sum(-3).reshape(*lead, d)), mass.mean(-1)
 
 
 def one_history(hist: torch.Tensor, mask: torch.Tensor) -> bool:
@@ -92,10 +133,11 @@ def one_history(hist: torch.Tensor, mask: torch.Tensor) -> bool:
 
 class R2LED(CtrModel):
     config_class = R2ledConfig
-    # A shared history takes the serving path when the batch path would score more than this
-    # many (route, behaviour) pairs per candidate: the crossover measured on CPU, where the
-    # serving path's fixed cost (~4 ms for 100 candidates) equals the batch path's (T ~ 500).
-    SHARED_PATH_WORK = 1536
+    # Up to this history length the serving path keys every behaviour and sorts them; past it,
+    # it indexes the history by item. The crossover measured on CPU, 2 threads, 100
+    # candidates (T ~ 300 to 500 with disjoint routes or not); either is faster than the batch
+    # path at every length, so a shared history always takes the serving path.
+    DENSE_LENGTH = 320
 
     def __init__(self, cfg: R2ledConfig, spec, sid=None):
         super().__init__(cfg, spec, sid)
@@ -112,13 +154,18 @@ class R2LED(CtrModel):
         self.simhash = SimHash(d, cfg.hash_bits)
         if self.use_sid:  # (N+1, R): each item's prefix token at each route's level
             self.register_buffer("route_tokens", self.items.prefix_tokens[:, self.route_levels].contiguous(), persistent=False)
-        self.gate = SidGate(d, levels, enabled=cfg.gate) if self.use_sid else None
+            rank, span = prefix_ranks(self.route_tokens)  # (N+1,), (N+1, R, 2): SID buckets as rank ranges
+            self.register_buffer("route_rank", rank, persistent=False)
+            self.register_buffer("route_span", span, persistent=False)
+        self.gate = SidGate(d, levels, enabled=cfg.gate) if self.use_sid and cfg.sid_refine else None
         encoder = (lambda: TargetAttention(d, cfg.heads)) if cfg.attention == "mha" else (lambda: DinAttention(d))
         self.route_attention = encoder()
         self.short_attention = encoder()
         self.route_fusion = RouteFusion(d, cfg.route_fusion)
         self.head = self.make_head(4)
         self._table_cache = ItemTableCache(self.simhash.signatures)
+        self._operands_cache = ItemTableCache(self._similarity_operands)
+        self._tables_cache = ModuleCache(self._serving_tables, self.items, self.gate, self.signal)
 
     @classmethod
     def wants_sid(cls, cfg: R2ledConfig) -> bool:
@@ -133,6 +180,10 @@ class R2LED(CtrModel):
         """
         return self._table_cache(self.items.id.weight, self.training)
 
+    def _similarity_operands(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N+1, m+2) x 2 ``SimHash.similarity_operands`` of every item: kept like the signatures."""
+        return SimHash.similarity_operands(self.simhash.signatures(weight))
+
     @torch.no_grad()
     def retrieve_routes(self, target: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions of each route's k behaviours (B, R, k) and whether a slot is filled.
@@ -141,51 +192,50 @@ class R2LED(CtrModel):
         row is the same memory) takes ``retrieve_routes_shared``: same result, and the cost
         per candidate follows the history's distinct items, not its length.
         """
-        if one_history(hist, mask) and hist.shape[1] * self.n_routes > self.SHARED_PATH_WORK:
+        if one_history(hist, mask):
             return self.retrieve_routes_shared(target, hist[0], mask[0])
         return self._retrieve(target, hist, mask)
 
-    def _retrieve(
-        self, target: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor, position: torch.Tensor | None = None, length: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score every column of ``hist`` (B, M); ``position``/``length`` place a shortlist's
-        columns in the whole history (see ``recency_keys``). Returns indices into M."""
+    def _retrieve(self, target: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch path: score every behaviour of ``hist`` (B, T). Returns indices into T."""
         b, m = hist.shape
         flat = hist.reshape(-1)  # row gathers by index_select: several times faster than [...]
         sigs = self.item_signatures()
         hamming = SimHash.hamming(sigs.index_select(0, flat).view(b, m, -1), sigs[target].unsqueeze(1))  # (B, M)
-        keys = recency_keys(self.simhash.bits - hamming, mask, position, length)  # (B, M) int64
+        keys = recency_keys(self.simhash.bits - hamming, mask)  # (B, M) int64
         if not self.use_sid:
             return topk_keys(keys.unsqueeze(1), self.k)  # one collaborative route
         t_tok = self.route_tokens.index_select(0, target)  # (B, R)
         h_tok = self.route_tokens.index_select(0, flat).view(b, m, -1)  # (B, M, R)
         match = (h_tok == t_tok.unsqueeze(1)).transpose(1, 2) & mask.unsqueeze(1)  # (B, R, M)
-        return mixed_topk(keys, match, self.k, self.cfg.rho)
+        return (disjoint_mixed_topk if self.cfg.disjoint_routes else mixed_topk)(keys, match, self.k, self.cfg.rho)
 
     @torch.no_grad()
     def retrieve_routes_shared(self, target: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Serving path: C candidates ``target`` (C,) against ONE history ``hist``/``mask`` (T,).
 
         Equal to the batch path on C copies of the history (the same taken slots, holding the
-        same positions): the history is indexed once by distinct item (U of them), each
-        candidate scores the U items, and the batch retrieval then runs on the short list of
-        positions that can win (``shortlist``), with the keys they have in the whole history.
+        same positions). A short history is keyed whole and sorted per candidate
+        (``dense_route_positions``); a longer one is indexed once by distinct item (U of them),
+        each candidate scores the U items, and the routes are filled from each one's exact best
+        behaviours overall and best matching ones (``route_positions``).
         """
         t = hist.shape[-1]
-        quota = route_quota(self.k, self.cfg.rho) if self.use_sid else 0
-        index = index_history(hist, mask, self.k + quota)  # U distinct items
-        sigs = self.item_signatures()
-        hamming = SimHash.pairwise_hamming(sigs[target], sigs[index.items])  # (C, U)
-        # recency_keys at each item's most recent position, in place: (m - hamming) t + last
-        item_keys = hamming.neg_().add_(self.simhash.bits).mul_(t).add_(index.last)  # (C, U)
-        tokens = None, None
-        if self.use_sid:  # the semantic view: each route's prefix tokens
-            tokens = self.route_tokens.index_select(0, index.items), self.route_tokens.index_select(0, target)  # (U, R), (C, R)
-        position = shortlist(item_keys, index, t, self.k, quota, *tokens)  # (C, M), -1 = none
-        listed = position >= 0
-        position = position.clamp_min(0)
-        slot, taken = self._retrieve(target, hist[position], listed, position, t)  # (C, R, k) into M
-        return gather_behaviours(position, slot), taken
+        k, quota = self.k, route_quota(self.k, self.cfg.rho) if self.use_sid else 0
+        disjoint = self.use_sid and self.cfg.disjoint_routes
+        span = self.route_span.index_select(0, target) if self.use_sid else None  # (C, R, 2): the SID buckets, as rank ranges
+        if t <= self.DENSE_LENGTH:  # a short history: every behaviour keyed (popcounts, no float), then sorted
+            sigs = self.item_signatures()
+            hamming = SimHash.hamming(sigs.index_select(0, hist).unsqueeze(0), sigs.index_select(0, target).unsqueeze(1))  # (C, T)
+            rank = self.route_rank.index_select(0, hist) if self.use_sid else None
+            return dense_route_positions(recency_keys(self.simhash.bits - hamming, mask), rank, span, k, quota, self.n_routes, disjoint)
+        index = index_history(hist, mask, self.route_rank if self.use_sid else None)  # U distinct items
+        left, right = self._operands_cache(self.items.id.weight, self.training)  # (N+1, m+2) each, per item
+        similarity = left.index_select(0, target) @ right.index_select(0, index.items).T  # (C, U): m - hamming, exact
+        # recency_keys at each item's most recent position; int32 while they fit (half the memory traffic)
+        dtype = torch.int32 if (self.simhash.bits + 1) * t < 2**31 else torch.long
+        item_keys = torch.add(index.last.to(dtype), similarity.to(dtype), alpha=t)  # (C, U)
+        return route_positions(item_keys, index, t, k, quota, self.n_routes, span, disjoint)
 
     # ---- Bi-level Fusion Refinement -----------------------------------------------------
     def fused_item(self, items: torch.Tensor) -> torch.Tensor:
@@ -194,7 +244,7 @@ class R2LED(CtrModel):
 
     def _fused_item(self, items: torch.Tensor) -> torch.Tensor:
         e = self.items.id(items)
-        if self.use_sid:
+        if self.gate is not None:
             e, _ = self.gate(e, self.items.prefixes(items))
         elif self.cfg.sid_features and self.items.levels:
             e = e + self.items.prefixes(items).mean(-2)
@@ -202,11 +252,13 @@ class R2LED(CtrModel):
 
     def gate_weights(self, items: torch.Tensor) -> torch.Tensor | None:
         """(..., L+1) gate weights over [ID, level 1..L] (None when the gate is off)."""
-        if not self.use_sid or self.gate.proj is None:
+        if self.gate is None or self.gate.proj is None:
             return None
         return self.gate(self.items.id(items), self.items.prefixes(items))[1]
 
     def forward(self, batch: Batch) -> torch.Tensor:
+        if self.serving(batch):  # same function, per-item caches and per-request sharing
+            return self.serve(batch)
         hist, signal, mask = batch.hist_items, batch.hist_signal, batch.hist_mask  # (B, T)
         index, taken = self.retrieve_routes(batch.target, hist, mask)  # (B, R, k)
         r_items = gather_behaviours(hist, index) * taken  # (B, R, k)
@@ -215,8 +267,12 @@ class R2LED(CtrModel):
         target = self.fused_item(batch.target)  # (B, d)
         r_kv = self.fused_item(r_items) + self.signal(r_signal)  # (B, R, k, d)
         n_routes = r_items.shape[1]
-        routes = self.route_attention(target.unsqueeze(1).expand(-1, n_routes, -1), r_kv, r_kv, taken)  # (B, R, d)
-        z = self.route_fusion(target, routes, taken.any(-1))  # (B, d)
+        query = target.unsqueeze(1).expand(-1, n_routes, -1)
+        if self.cfg.route_mass:
+            routes, mass = attend_with_mass(self.route_attention, query, r_kv, taken)  # (B, R, d), (B, R)
+        else:
+            routes, mass = self.route_attention(query, r_kv, r_kv, taken), None
+        z = self.route_fusion(target, routes, taken.any(-1), mass)  # (B, d)
 
         s_items, s_signal, s_mask = short_window(batch, self.cfg.short_len)  # (B, n_s)
         s_kv = self.fused_item(s_items) + self.signal(s_signal)  # (B, n_s, d)
@@ -224,3 +280,61 @@ class R2LED(CtrModel):
 
         x = torch.cat([self.user_repr(batch), target, z, r_short, target * z], dim=-1)
         return self.head(x)
+
+    # ---- serving: one request = C candidates x ONE history ------------------------------
+    def serving(self, batch: Batch) -> bool:
+        """A serving request: eval mode, no gradient, every row the same history (a view)."""
+        shared = one_history(batch.hist_items, batch.hist_mask) and batch.hist_signal.stride(0) == 0
+        return shared and not self.training and not torch.is_grad_enabled()
+
+    def serving_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-item cache a server keeps (SID-level fusion and side features depend on the
+        item alone): (N+1, d+1) ``fused_item`` of every item and (S, d+1) the signal
+        embeddings, with a trailing 1 and 0 (behaviour = item + signal ends in 1), the inputs
+        of ``DinAttention.attend``. Kept in eval mode without autograd until a parameter or
+        buffer they read changes; recomputed at every call otherwise."""
+        return self._tables_cache(self.training)
+
+    def _serving_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        items = self._fused_item(torch.arange(self.spec.n_items + 1, device=self.signal.weight.device))
+        return torch.cat([items, items.new_ones(len(items), 1)], dim=1), F.pad(self.signal.weight, (0, 1))
+
+    @torch.no_grad()
+    def serve(self, batch: Batch) -> torch.Tensor:
+        """``forward`` for a serving request (see ``serving``): the same function, within float
+        rounding. Items come from ``serving_tables``, the history is read from its one row, and
+        DIN's unit runs as a few large products (``DinAttention.attend``)."""
+        hist, signal, mask = batch.hist_items[0], batch.hist_signal[0], batch.hist_mask[0]  # (T,)
+        index, taken = self.retrieve_routes(batch.target, batch.hist_items, batch.hist_mask)  # (C, R, k) positions
+        items, signals = self.serving_tables()
+        target = items.index_select(0, batch.target)  # (C, d+1)
+        t, flat = hist.shape[0], index.view(-1)
+        start = max(t - self.cfg.short_len, 0)  # the last short_len behaviours, as short_window
+        if t <= len(flat):  # every behaviour once, then the slots
+            kv = items.index_select(0, hist) + signals.index_select(0, signal)  # (T, d+1)
+            r_kv, s_kv = kv.index_select(0, flat), kv[start:]
+        else:  # the slots' behaviours only
+            r_kv = items.index_select(0, hist.index_select(0, flat)) + signals.index_select(0, signal.index_select(0, flat))
+            s_kv = items.index_select(0, hist[start:]) + signals.index_select(0, signal[start:])  # (n_s, d+1)
+        routes, mass = self._serve_attention(self.route_attention, target, r_kv.view(*index.shape, -1), taken, self.cfg.route_mass)
+        rows = (len(target), *s_kv.shape)  # the short window: the same behaviours for every row
+        r_short, _ = self._serve_attention(self.short_attention, target, s_kv.expand(rows), mask[start:].expand(rows[:2]))  # (C, d)
+        target = target[:, :-1]
+        z = self.route_fusion(target, routes, taken.any(-1), mass)  # (C, d)
+        x = torch.cat([self.user_repr(batch), target, z, r_short, target * z], dim=-1)
+        return self.head(x)
+
+    @staticmethod
+    def _serve_attention(
+        attention: nn.Module, target: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, mass: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``attention`` of each candidate over its behaviours: target (C, d+1), kv (C, ..., n, d+1)
+        with trailing 1s -> (C, ..., d), and with ``mass`` the attention mass (C, ...) as
+        ``attend_with_mass`` (else None)."""
+        if isinstance(attention, DinAttention):
+            out = attention.attend(target, kv, mask, mass)
+            return (out[0][..., :-1], out[1]) if mass else (out[..., :-1], None)
+        query = target[:, :-1].reshape(len(target), *(1 for _ in kv.shape[2:-1]), -1).expand(*kv.shape[:-2], -1)
+        if mass:
+            return attend_with_mass(attention, query, kv[..., :-1], mask)
+        return attention(query, kv[..., :-1], kv[..., :-1], mask), None

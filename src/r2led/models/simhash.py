@@ -75,16 +75,26 @@ class SimHash(nn.Module):
     def pairwise_hamming(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """(C, words) x (U, words) -> (C, U) int64: the Hamming distance of every pair.
 
-        The values of ``hamming`` on all pairs, as one matrix product of 0/1 bit vectors
-        instead of C x U popcounts: hamming = |a| + |b| - 2 a.b, the popcounts folded into the
-        product as two extra columns. Exact: every term and partial sum is an integer of
-        magnitude at most 2m < 2^24, which float32 holds exactly.
+        The values of ``hamming`` on all pairs, from ``similarity_operands``: one matrix
+        product of 0/1 bit vectors instead of C x U popcounts.
         """
-        bits_a, bits_b = unpack_bits(a), unpack_bits(b)  # (C, m), (U, m) in {0, 1}
-        pop_a, pop_b = bits_a.sum(1, keepdim=True), bits_b.sum(1, keepdim=True)  # (C, 1), (U, 1)
-        left = torch.cat([bits_a, pop_a, torch.ones_like(pop_a)], dim=1)  # (C, m + 2)
-        right = torch.cat([bits_b.mul_(-2.0), torch.ones_like(pop_b), pop_b], dim=1)  # (U, m + 2)
-        return (left @ right.T).long()  # (C, U): -2 a.b + |a| + |b|, exact integers
+        (left, _), (_, right) = SimHash.similarity_operands(a), SimHash.similarity_operands(b)
+        return (a.shape[-1] * 64 - left @ right.T).long()
+
+    @staticmethod
+    def similarity_operands(signatures: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, words) -> left, right (n, m + 2) float32: ``left(a) @ right(b).T`` is m - hamming
+        of every pair (a, b), exact.
+
+        m - hamming = (m - |a|) - |b| + 2 a.b for 0/1 bit vectors: left = [a, m - |a|, 1],
+        right = [2 b, 1, -|b|], the popcounts folded in as two extra columns. Exact: every term
+        and partial sum is an integer of magnitude at most 2m < 2^24, which float32 holds
+        exactly. Per item, so a server can keep them next to the signatures.
+        """
+        bits = unpack_bits(signatures)  # (n, m) in {0, 1}
+        pop = bits.sum(1, keepdim=True)
+        one = torch.ones_like(pop)
+        return torch.cat([bits, bits.shape[1] - pop, one], dim=1), torch.cat([2 * bits, one, -pop], dim=1)
 
     def cosine(self, hamming: torch.Tensor) -> torch.Tensor:
         """The SimHash estimate of the cosine similarity for a Hamming distance."""

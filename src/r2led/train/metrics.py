@@ -14,12 +14,12 @@ def gauc(user: np.ndarray, label: np.ndarray, score: np.ndarray) -> float:
     """
     df = pl.DataFrame({"u": user, "y": label.astype(np.int8), "s": score.astype(np.float64)})
     df = df.with_columns(pl.col("s").rank("average").over("u").alias("r"))
-    g = df.group_by("u").agg(
+    g = df.group_by("u").agg(  # then sorted: a fixed summation order, the same GAUC every call
         pl.len().alias("n"),
         pl.col("y").sum().alias("pos"),
         pl.col("r").filter(pl.col("y") == 1).sum().alias("rank_pos"),
     )
-    g = g.with_columns((pl.col("n") - pl.col("pos")).alias("neg")).filter((pl.col("pos") > 0) & (pl.col("neg") > 0))
+    g = g.sort("u").with_columns((pl.col("n") - pl.col("pos")).alias("neg")).filter((pl.col("pos") > 0) & (pl.col("neg") > 0))
     if g.height == 0:
         return float("nan")
     pos, neg, n = g["pos"].to_numpy(), g["neg"].to_numpy(), g["n"].to_numpy()
