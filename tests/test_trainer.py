@@ -151,3 +151,8 @@ def test_run_folder_keeps_model_specific_settings(tiny_store, tmp_path):
     assert load_checkpoint(tmp_path / "run" / "best.pt")["config"]["model"]["rho"] == 0.25
     model, _, cfg = load_run(tmp_path / "run")
     assert cfg.model.rho == 0.25 and model.gate.proj is None and model.n_routes == 2
+
+
+def test_default_config_is_the_r2led_config():
+    cfg = load_config(None, [])
+    assert type(cfg.model).__name__ == "R2ledConfig" and cfg.model.rho == 0.75 and cfg.model.disjoint_routes

@@ -59,7 +59,7 @@ class RunConfig(BaseModel):
 
     sid: str = Field("sid", description="SID table folder, relative to the data folder")
     # SerializeAsAny: dump the model-specific class's fields (k, rho, ...), not only the base's.
-    model: SerializeAsAny[ModelConfig] = Field(default_factory=ModelConfig)
+    model: SerializeAsAny[ModelConfig] = Field(default_factory=ModelConfig, validate_default=True)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @field_validator("model", mode="before")
