@@ -152,16 +152,15 @@ def test_history_profile_is_the_same_for_a_shared_history(tiny_store, batch):
 
 
 @pytest.mark.parametrize("encoder", ["din", "mha"])
-def test_attend_with_mass_is_the_encoder_plus_its_log_partition(encoder):
+def test_forward_with_mass_is_the_encoder_plus_its_log_partition(encoder):
     from r2led.models.layers import DinAttention, TargetAttention
-    from r2led.models.r2led import attend_with_mass
 
     torch.manual_seed(0)
     enc = DinAttention(8) if encoder == "din" else TargetAttention(8, 2)
     query, kv = torch.randn(5, 3, 8), torch.randn(5, 3, 6, 8)
     mask = torch.rand(5, 3, 6) > 0.3
     mask[0, 1] = False  # an empty route
-    pooled, mass = attend_with_mass(enc, query, kv, mask)
+    pooled, mass = enc.forward_with_mass(query, kv, kv, mask)
     assert torch.allclose(pooled, enc(query, kv, kv, mask), atol=1e-6)
     scores = enc.scores(query, kv)
     if encoder == "mha":
@@ -176,7 +175,7 @@ def test_route_fusion_with_mass_can_be_one_softmax_over_every_route():
     """With the cross-attention's query/key part at zero and identity values, fusing the
     routes by their mass is exactly one softmax over all their behaviours."""
     from r2led.models.layers import DinAttention
-    from r2led.models.r2led import RouteFusion, attend_with_mass
+    from r2led.models.r2led import RouteFusion
 
     torch.manual_seed(1)
     enc, fusion = DinAttention(8), RouteFusion(8)
@@ -186,7 +185,8 @@ def test_route_fusion_with_mass_can_be_one_softmax_over_every_route():
     target, kv = torch.randn(4, 8), torch.randn(4, 3, 5, 8)
     mask = torch.rand(4, 3, 5) > 0.2
     mask[2, 0] = False
-    routes, mass = attend_with_mass(enc, target.unsqueeze(1).expand(-1, 3, -1), kv, mask)
+    query = target.unsqueeze(1).expand(-1, 3, -1)
+    routes, mass = enc.forward_with_mass(query, kv, kv, mask)
     z = fusion(target, routes, mask.any(-1), mass)
     joint = enc(target, kv.reshape(4, 15, 8), kv.reshape(4, 15, 8), mask.reshape(4, 15))
     assert torch.allclose(z, joint, atol=1e-5)

@@ -89,6 +89,12 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> t
     return torch.nan_to_num(weights, nan=0.0)
 
 
+def attention_mass(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """The log-sum-exp of attention logits over the present positions (-inf when none): how
+    much attention a set of behaviours draws before the softmax normalises it away."""
+    return torch.logsumexp(scores.masked_fill(~mask, float("-inf")), dim=dim)
+
+
 class TargetAttention(nn.Module):
     """Multi-head target attention: one query per row attends over that row's behaviours.
 
@@ -115,11 +121,18 @@ class TargetAttention(nn.Module):
         return (q * k).sum(-1) / math.sqrt(hd)  # (..., n, h)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        *lead, n, d = keys.shape
-        h, hd = self.heads, self.head_dim
+        return self._pool(masked_softmax(self.scores(query, keys), mask.unsqueeze(-1), dim=-2), values)
+
+    def forward_with_mass(self, query, keys, values, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` and its ``attention_mass`` (the mean over heads): (..., d), (...)."""
         scores = self.scores(query, keys)  # (..., n, h)
-        v = self.v(values).view(*lead, n, h, hd)
-        weights = masked_softmax(scores, mask.unsqueeze(-1), dim=-2)  # (..., n, h)
+        weights = masked_softmax(scores, mask.unsqueeze(-1), dim=-2)
+        return self._pool(weights, values), attention_mass(scores, mask.unsqueeze(-1), dim=-2).mean(-1)
+
+    def _pool(self, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """weights (..., n, h), values (..., n, d) -> (..., d)."""
+        *lead, n, d = values.shape
+        v = self.v(values).view(*lead, n, self.heads, self.head_dim)
         pooled = (weights.unsqueeze(-1) * v).sum(-3)  # (..., h, hd)
         return self.out(pooled.reshape(*lead, d))
 
@@ -158,6 +171,11 @@ class DinAttention(nn.Module):
     def forward(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         weights = masked_softmax(self.scores(query, keys), mask)  # (..., n)
         return (weights.unsqueeze(-1) * values).sum(-2)
+
+    def forward_with_mass(self, query, keys, values, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` and its ``attention_mass``: (..., d), (...)."""
+        scores = self.scores(query, keys)  # (..., n)
+        return (masked_softmax(scores, mask).unsqueeze(-1) * values).sum(-2), attention_mass(scores, mask)
 
     def serving_weights(self) -> list[torch.Tensor]:
         """The unit as plain matrix products on inputs with a trailing 1 (see ``attend``).

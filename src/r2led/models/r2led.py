@@ -105,27 +105,6 @@ class RouteFusion(nn.Module):
         return (weights.unsqueeze(-1) * self.v(routes)).sum(1)  # (B, d)
 
 
-def attend_with_mass(encoder: nn.Module, query: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``encoder(query, kv, kv, mask)`` and the log-sum-exp of its attention logits over the
-    present behaviours (the mean over heads for multi-head attention): (..., d), (...).
-
-    The log-sum-exp is the route's attention *mass*: a route fusion that adds it to the
-    routes' logits can weigh them as one softmax over all their behaviours would. A route
-    with no behaviour gets -inf (and zeros).
-    """
-    scores = encoder.scores(query, kv)  # (..., n) DIN's unit; (..., n, h) multi-head
-    heads = scores.dim() > mask.dim()
-    dim = -2 if heads else -1
-    scores = scores.masked_fill(~(mask.unsqueeze(-1) if heads else mask), float("-inf"))
-    mass = torch.logsumexp(scores, dim)
-    weights = torch.nan_to_num(torch.softmax(scores, dim), nan=0.0)
-    if not heads:
-        return (weights.unsqueeze(-1) * kv).sum(-2), mass
-    *lead, n, d = kv.shape
-    values = encoder.v(kv).view(*lead, n, encoder.heads, encoder.head_dim)
-    return encoder.out((weights.unsqueeze(-1) * values).sum(-3).reshape(*lead, d)), mass.mean(-1)
-
-
 def one_history(hist: torch.Tensor, mask: torch.Tensor) -> bool:
     """Every row is the same memory (an ``expand``-ed history): one request, many candidates."""
     return hist.shape[0] > 1 and hist.stride(0) == 0 and mask.stride(0) == 0
@@ -269,7 +248,7 @@ class R2LED(CtrModel):
         n_routes = r_items.shape[1]
         query = target.unsqueeze(1).expand(-1, n_routes, -1)
         if self.cfg.route_mass:
-            routes, mass = attend_with_mass(self.route_attention, query, r_kv, taken)  # (B, R, d), (B, R)
+            routes, mass = self.route_attention.forward_with_mass(query, r_kv, r_kv, taken)  # (B, R, d), (B, R)
         else:
             routes, mass = self.route_attention(query, r_kv, r_kv, taken), None
         z = self.route_fusion(target, routes, taken.any(-1), mass)  # (B, d)
@@ -330,11 +309,11 @@ class R2LED(CtrModel):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``attention`` of each candidate over its behaviours: target (C, d+1), kv (C, ..., n, d+1)
         with trailing 1s -> (C, ..., d), and with ``mass`` the attention mass (C, ...) as
-        ``attend_with_mass`` (else None)."""
+        ``forward_with_mass`` (else None)."""
         if isinstance(attention, DinAttention):
             out = attention.attend(target, kv, mask, mass)
             return (out[0][..., :-1], out[1]) if mass else (out[..., :-1], None)
         query = target[:, :-1].reshape(len(target), *(1 for _ in kv.shape[2:-1]), -1).expand(*kv.shape[:-2], -1)
         if mass:
-            return attend_with_mass(attention, query, kv[..., :-1], mask)
+            return attention.forward_with_mass(query, kv[..., :-1], kv[..., :-1], mask)
         return attention(query, kv[..., :-1], kv[..., :-1], mask), None

@@ -18,20 +18,14 @@ _LAST = torch.iinfo(torch.long).max  # sorts after every real key
 FAR = -(1 << 62)  # a position past an item's count (``HistoryIndex``): every key built on it is < 0
 
 
-def recency_keys(
-    similarity: torch.Tensor, mask: torch.Tensor, position: torch.Tensor | None = None, length: int | None = None
-) -> torch.Tensor:
+def recency_keys(similarity: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Integer ranking keys: higher similarity first, then the more recent behaviour.
 
     similarity: (B, T) int64 in [0, S) (e.g. ``m - hamming``); mask: (B, T) bool, histories
     left-padded so a larger position is more recent. Returns (B, T) int64, NEG at padding.
-    ``position`` (B, T) and ``length``: the behaviours' positions in a history of ``length``
-    when scoring a shortlist of it (default: the columns 0..T-1 of a history of length T), so
-    a shortlisted behaviour keeps the key it has in the whole history.
     """
-    t = similarity.shape[-1] if length is None else length
-    if position is None:
-        position = torch.arange(t, device=similarity.device)
+    t = similarity.shape[-1]
+    position = torch.arange(t, device=similarity.device)
     return torch.where(mask, similarity * t + position, torch.full_like(similarity, NEG))
 
 
