@@ -160,8 +160,9 @@ class R2LED(CtrModel):
         return self._table_cache(self.items.id.weight, self.training)
 
     def _similarity_operands(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N+1, m+2) x 2 ``SimHash.similarity_operands`` of every item: kept like the signatures."""
-        return SimHash.similarity_operands(self.simhash.signatures(weight))
+        """(N+1, m+2) x 2 ``SimHash.similarity_operands`` of every item: kept like the signatures,
+        and built from the signatures' own cache rather than hashing the table a second time."""
+        return SimHash.similarity_operands(self._table_cache(weight, self.training))
 
     @torch.no_grad()
     def retrieve_routes(self, target: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
