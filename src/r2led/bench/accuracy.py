@@ -26,7 +26,7 @@ import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from r2led.cli.common import console, print_table
-from r2led.config import load_config, validate_config
+from r2led.config import load_config
 from r2led.errors import ConfigError
 from r2led.data.store import LifelongStore
 from r2led.bench.significance import delong_test
@@ -76,9 +76,9 @@ def _train(data: Path, job: Job, seed: int, run: Path, files: list[Path], overri
 def _check_same_settings(run: Path, cfg) -> None:
     """Refuse to reuse (or resume) a run folder trained with other settings than ``cfg``:
     a changed default or config file would otherwise mix two models in one table."""
-    tree = yaml.safe_load((run / "config.yaml").read_text())
-    tree.pop("data", None)
-    saved = validate_config(tree).model_dump()
+    from r2led.train.trainer import read_run_config
+
+    saved = read_run_config(run)[1].model_dump()
     wanted = cfg.model_dump()
     ignore = {("train", "threads")}  # how a run was computed, not what it computes
     diff = [

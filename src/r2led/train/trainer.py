@@ -289,19 +289,24 @@ class Trainer:
         return result
 
 
-def load_run(run: str | Path) -> tuple[torch.nn.Module, LifelongStore, RunConfig]:
-    """A finished run's best model, its store and its configuration (for evaluate / export)."""
+def read_run_config(run: str | Path) -> tuple[str, RunConfig]:
+    """A run folder's data folder and validated configuration, from its ``config.yaml``."""
     from r2led.config import validate_config
 
-    run = Path(run)
-    cfg_path = run / "config.yaml"
+    cfg_path = Path(run) / "config.yaml"
     if not cfg_path.is_file():
         from r2led.errors import CheckpointError
 
         raise CheckpointError(f"{run} is not a run folder (no config.yaml)")
     tree = yaml.safe_load(cfg_path.read_text())
     data = tree.pop("data")
-    cfg = validate_config(tree)
+    return data, validate_config(tree)
+
+
+def load_run(run: str | Path) -> tuple[torch.nn.Module, LifelongStore, RunConfig]:
+    """A finished run's best model, its store and its configuration (for evaluate / export)."""
+    run = Path(run)
+    data, cfg = read_run_config(run)
     store = LifelongStore(data)
     model = build_model(cfg.model, DataSpec.from_store(store), load_sid(store, cfg))
     state = load_checkpoint(run / "best.pt")
