@@ -21,7 +21,6 @@ from r2led.config import load_config
 from r2led.errors import ConfigError
 from r2led.models.din import DIN, DinConfig
 from r2led.models.registry import MODELS, build_model
-from r2led.models.retrieval import FAR, index_history
 from r2led.models.simhash import SimHash, popcount64
 
 TINY = dict(candidates=8, repeats=2, train_batch=8, items=300, seed=0)
@@ -190,7 +189,7 @@ def test_shared_path_equals_the_batch_path(cat, overrides, t, absent, structured
 
 def test_shared_path_gives_the_same_scores_and_no_history_sized_float(cat):
     model = r2led(cat)
-    t = 2 * model.DENSE_LENGTH  # past it the serving path indexes the history by item
+    t = 640
     rng = np.random.default_rng(0)
     hist, signal, feats, interests = synthetic_histories(cat, 1, t, rng)
     candidates = draw_candidates(cat, interests[0], 40, rng)
@@ -203,33 +202,6 @@ def test_shared_path_gives_the_same_scores_and_no_history_sized_float(cat):
         with FloatTensorSizes() as sizes:
             model.retrieve_routes(shared.target, shared.hist_items, shared.hist_mask)
     assert sizes.largest < len(candidates) * t  # not even one float per (candidate, behaviour)
-
-
-def test_index_history_keeps_each_items_most_recent_positions():
-    hist = torch.tensor([0, 5, 3, 5, 5, 3, 9])
-    mask = hist > 0
-    index = index_history(hist, mask)
-    assert index.items.tolist() == [3, 5, 9]
-    assert index.recent(torch.arange(3), 2).tolist() == [[5, 2], [4, 3], [6, FAR]]  # FAR: past the item's count
-    assert index.last.tolist() == [5, 4, 6] and index.count.tolist() == [2, 3, 1]
-    ranked = index_history(hist, mask, rank=torch.tensor([0, 0, 0, 9, 0, 5, 0, 0, 0, 1]))
-    assert ranked.items.tolist() == [9, 5, 3] and ranked.rank.tolist() == [1, 5, 9]
-    assert ranked.recent(torch.arange(3), 3).tolist() == [[6, FAR, FAR], [4, 3, 1], [5, 2, FAR]]
-    empty = index_history(hist, torch.zeros_like(mask))
-    assert empty.items.numel() == 0 and empty.recent(empty.items, 2).shape == (0, 2)
-
-
-def test_pairwise_hamming_equals_popcounts_and_popcount_keeps_its_input():
-    gen = torch.Generator().manual_seed(0)
-    for words in (1, 2):
-        a = torch.randint(-(2**63), 2**63 - 1, (30, words), generator=gen)
-        b = torch.randint(-(2**63), 2**63 - 1, (50, words), generator=gen)
-        b[0], b[1] = a[0], ~a[1]
-        pairwise = SimHash.pairwise_hamming(a, b)
-        assert torch.equal(pairwise, SimHash.hamming(a.unsqueeze(1), b.unsqueeze(0)))
-        assert pairwise[0, 0] == 0 and pairwise[1, 1] == 64 * words
-    x = torch.tensor([-1, 0, 7])
-    assert popcount64(x).tolist() == [64, 0, 3] and x.tolist() == [-1, 0, 7]
 
 
 def test_bench_config_gives_every_model_the_same_budget():

@@ -53,10 +53,13 @@ def test_serving_path_gives_the_batch_paths_scores(cat, overrides, t, absent):
         assert torch.allclose(model(shared), model(copied), atol=1e-5)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"disjoint_routes": "off"}, {"disjoint_routes": "off", "rho": 0.5, "k": 7}, {"k": 2}])
-@pytest.mark.parametrize("t", [40, 320, 321, 1500])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"disjoint_routes": "off"}, {"disjoint_routes": "off", "rho": 0.5, "k": 7}, {"k": 2}, {"hash_bits": 128}, {"rho": 1}, {"sid": "off"}],
+)
+@pytest.mark.parametrize("t", [40, 321, 1500])
 def test_serving_retrieval_is_the_batch_retrieval_on_random_histories(cat, overrides, t):
-    """Mostly distinct items and heavy repeats, dense (T <= DENSE_LENGTH) and indexed paths."""
+    """Mostly distinct items and heavy repeats (many ties of similarity and of item)."""
     model = r2led(cat, **overrides)
     rng = np.random.default_rng(t)
     for pool in (300, 12):
@@ -124,9 +127,8 @@ def test_caches_follow_an_optimizer_step_load_state_dict_and_training(cat):
         assert torch.allclose(after, model(copied), atol=1e-5)  # nothing stale after the step
     assert_tables_fresh(model)
     with torch.no_grad():
-        left, right = model._operands_cache(model.items.id.weight, False)
-        fresh = SimHash.similarity_operands(model.simhash.signatures(model.items.id.weight))
-    assert torch.equal(left, fresh[0]) and torch.equal(right, fresh[1])
+        cached, fresh = model.item_signatures(), model.simhash.signatures(model.items.id.weight)
+    assert torch.equal(cached, fresh)
 
     other = r2led(cat, k=20)
     with torch.no_grad():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import nn
@@ -25,7 +26,6 @@ from r2led.data.batches import Batch
 from r2led.models.base import CtrModel, short_window
 from r2led.models.layers import DinAttention, ItemTableCache, ModuleCache, TargetAttention, gather_behaviours, masked_softmax, per_unique_item
 from r2led.models.retrieval import (
-    dense_route_positions,
     disjoint_mixed_topk,
     index_history,
     mixed_topk,
@@ -112,12 +112,6 @@ def one_history(hist: torch.Tensor, mask: torch.Tensor) -> bool:
 
 class R2LED(CtrModel):
     config_class = R2ledConfig
-    # Up to this history length the serving path keys every behaviour and sorts them; past it,
-    # it indexes the history by item. The crossover measured on CPU, 2 threads, 100
-    # candidates (T ~ 300 to 500 with disjoint routes or not); either is faster than the batch
-    # path at every length, so a shared history always takes the serving path.
-    DENSE_LENGTH = 320
-
     def __init__(self, cfg: R2ledConfig, spec, sid=None):
         super().__init__(cfg, spec, sid)
         d = cfg.dim
@@ -136,6 +130,7 @@ class R2LED(CtrModel):
             rank, span = prefix_ranks(self.route_tokens)  # (N+1,), (N+1, R, 2): SID buckets as rank ranges
             self.register_buffer("route_rank", rank, persistent=False)
             self.register_buffer("route_span", span, persistent=False)
+            self.register_buffer("route_order", torch.argsort(rank, stable=True), persistent=False)  # item ids by rank
         self.gate = SidGate(d, levels, enabled=cfg.gate) if self.use_sid and cfg.sid_refine else None
         encoder = (lambda: TargetAttention(d, cfg.heads)) if cfg.attention == "mha" else (lambda: DinAttention(d))
         self.route_attention = encoder()
@@ -143,7 +138,6 @@ class R2LED(CtrModel):
         self.route_fusion = RouteFusion(d, cfg.route_fusion)
         self.head = self.make_head(4)
         self._table_cache = ItemTableCache(self.simhash.signatures)
-        self._operands_cache = ItemTableCache(self._similarity_operands)
         self._tables_cache = ModuleCache(self._serving_tables, self.items, self.gate, self.signal)
 
     @classmethod
@@ -158,11 +152,6 @@ class R2LED(CtrModel):
         embedding table changes, as a server caches them per item.
         """
         return self._table_cache(self.items.id.weight, self.training)
-
-    def _similarity_operands(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N+1, m+2) x 2 ``SimHash.similarity_operands`` of every item: kept like the signatures,
-        and built from the signatures' own cache rather than hashing the table a second time."""
-        return SimHash.similarity_operands(self._table_cache(weight, self.training))
 
     @torch.no_grad()
     def retrieve_routes(self, target: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,27 +184,20 @@ class R2LED(CtrModel):
         """Serving path: C candidates ``target`` (C,) against ONE history ``hist``/``mask`` (T,).
 
         Equal to the batch path on C copies of the history (the same taken slots, holding the
-        same positions). A short history is keyed whole and sorted per candidate
-        (``dense_route_positions``); a longer one is indexed once by distinct item (U of them),
-        each candidate scores the U items, and the routes are filled from each one's exact best
-        behaviours overall and best matching ones (``route_positions``).
+        same positions). The history is indexed once by distinct item (U of them, ranked by SID
+        prefix so that a route's matches are one run of them), each candidate scores the U
+        items, and the routes are filled from the items' behaviours in key order
+        (``route_positions``): per-candidate work follows U, not T.
         """
         t = hist.shape[-1]
         k, quota = self.k, route_quota(self.k, self.cfg.rho) if self.use_sid else 0
-        disjoint = self.use_sid and self.cfg.disjoint_routes
+        order = self.route_order.cpu().numpy() if self.use_sid else np.arange(self.spec.n_items + 1)
+        index = index_history(hist, mask, self.route_rank if self.use_sid else None, order)  # U distinct items
+        sigs = self.item_signatures()  # (N+1, words), per item
+        items = torch.from_numpy(index.items).to(target.device)
         span = self.route_span.index_select(0, target) if self.use_sid else None  # (C, R, 2): the SID buckets, as rank ranges
-        if t <= self.DENSE_LENGTH:  # a short history: every behaviour keyed (popcounts, no float), then sorted
-            sigs = self.item_signatures()
-            hamming = SimHash.hamming(sigs.index_select(0, hist).unsqueeze(0), sigs.index_select(0, target).unsqueeze(1))  # (C, T)
-            rank = self.route_rank.index_select(0, hist) if self.use_sid else None
-            return dense_route_positions(recency_keys(self.simhash.bits - hamming, mask), rank, span, k, quota, self.n_routes, disjoint)
-        index = index_history(hist, mask, self.route_rank if self.use_sid else None)  # U distinct items
-        left, right = self._operands_cache(self.items.id.weight, self.training)  # (N+1, m+2) each, per item
-        similarity = left.index_select(0, target) @ right.index_select(0, index.items).T  # (C, U): m - hamming, exact
-        # recency_keys at each item's most recent position; int32 while they fit (half the memory traffic)
-        dtype = torch.int32 if (self.simhash.bits + 1) * t < 2**31 else torch.long
-        item_keys = torch.add(index.last.to(dtype), similarity.to(dtype), alpha=t)  # (C, U)
-        return route_positions(item_keys, index, t, k, quota, self.n_routes, span, disjoint)
+        disjoint = self.use_sid and self.cfg.disjoint_routes
+        return route_positions(sigs.index_select(0, target), sigs.index_select(0, items), index, t, k, quota, self.n_routes, span, disjoint)
 
     # ---- Bi-level Fusion Refinement -----------------------------------------------------
     def fused_item(self, items: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,6 @@ import numpy as np
 import torch
 
 NEG = -1  # key of a slot that can never be taken (padding)
-_LAST = torch.iinfo(torch.long).max  # sorts after every real key
-FAR = -(1 << 62)  # a position past an item's count (``HistoryIndex``): every key built on it is < 0
 
 
 def recency_keys(similarity: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -133,68 +131,51 @@ def topk_scores(scores: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch
 # A request scores C candidates against one user's history. Keys depend on the behaviour only
 # through its item (similarity, prefix match) and its position (recency), so the history is
 # indexed once per request by distinct item, and each candidate scores distinct items instead
-# of behaviours. The winners can only come from short lists of behaviours (each route's best
-# matching ones, the best overall); filling the routes from those lists in key order gives
-# exactly the batch path's result (``route_positions``). A short history is keyed whole
-# (``dense_route_positions``).
+# of behaviours; the routes are then filled per candidate by compiled code that reads the
+# items' behaviours in key order only as deep as the routes need (``route_kernels``): exactly
+# the batch path's result.
 
 
 @dataclass
 class HistoryIndex:
     """One history's distinct items and the positions of their behaviours, most recent first."""
 
-    items: torch.Tensor  # (U,) distinct item ids among the present behaviours (by rank when ranked)
-    start: torch.Tensor  # (U,) where each item's positions begin in ``positions``
-    count: torch.Tensor  # (U,) how many behaviours it has
-    last: torch.Tensor  # (U,) its most recent position
-    positions: torch.Tensor  # (n,) the present behaviours' positions, item by item, most recent first
-    rank: torch.Tensor | None = None  # (U,) the items' ranks, ascending (``index_history(..., rank)``)
+    items: np.ndarray  # (U,) distinct item ids among the present behaviours (by rank when ranked)
+    start: np.ndarray  # (U,) where each item's positions begin in ``positions``
+    count: np.ndarray  # (U,) how many behaviours it has
+    positions: np.ndarray  # (n,) the present behaviours' positions, item by item, most recent first
+    rank: np.ndarray | None = None  # (U,) the items' ranks, ascending (``index_history(..., rank)``)
 
-    def recent(self, item: torch.Tensor, n: int) -> torch.Tensor:
-        """(M,) item indices -> (M, n) their n most recent positions; FAR past an item's count."""
-        j = torch.arange(n, device=item.device)
-        cell = (self.start.index_select(0, item).unsqueeze(1) + j).clamp_max_(max(len(self.positions) - 1, 0))
-        found = self.positions.index_select(0, cell.view(-1)).view(cell.shape) if len(self.positions) else cell
-        return found.masked_fill_(j >= self.count.index_select(0, item).unsqueeze(1), FAR)
+    @property
+    def last(self) -> np.ndarray:
+        """(U,) each item's most recent position."""
+        return self.positions[self.start]
 
 
-def index_history(hist: torch.Tensor, mask: torch.Tensor, rank: torch.Tensor | None = None) -> HistoryIndex:
+def index_history(hist: torch.Tensor, mask: torch.Tensor, rank: torch.Tensor | None = None, order: np.ndarray | None = None) -> HistoryIndex:
     """Index one history (T,) by item: its distinct items and each one's positions, most recent
-    first.
+    first. O(T + N) counting (``route_kernels.index_history``), no sort.
 
-    One sort of T packed integers (item, then most recent first); no Python loop. In numpy: its
-    sort is several times faster than torch's on CPU, and its operations are lighter on short
-    arrays. ``rank`` (N+1,): the distinct items come in the order of their ``rank``
-    (``prefix_ranks``: the items sharing a SID prefix are then one run), kept in
-    ``HistoryIndex.rank``.
+    ``rank`` (N+1,): the distinct items come in the order of their rank (``prefix_ranks``: the
+    items sharing a SID prefix are then one run), kept in ``HistoryIndex.rank``; ``order``:
+    the item ids sorted by rank, if already at hand. Items run in id order without a rank.
     """
-    h, present = hist.cpu().numpy().astype(np.int64, copy=False), mask.cpu().numpy()
-    t = len(h)
-    shift = max(t - 1, 1).bit_length()  # key = item << shift | (t - 1 - position)
-    key = (h << shift) | np.arange(t - 1, -1, -1)
-    n = int(present.sum())
-    if n < t:
-        key[~present] = _LAST  # absent behaviours sort last
-    key.sort()  # by item, then most recent first
-    key = key[:n]
-    items = key >> shift
-    first = np.ones(n, dtype=bool)
-    np.not_equal(items[1:], items[:-1], out=first[1:])
-    start = np.flatnonzero(first)  # (U,) where each item's run begins
-    count = np.diff(np.append(start, n))
-    items = items[start]
-    positions = (t - 1) - (key & ((1 << shift) - 1))
-    ranks = None
-    if rank is not None:
-        ranks = rank.cpu().numpy()[items]
-        order = np.argsort(ranks, kind="stable")
-        items, start, count, ranks = items[order], start[order], count[order], torch.from_numpy(ranks[order]).to(rank.device)
-    last = positions[start] if n else start
-    return HistoryIndex(*(torch.from_numpy(a).to(hist.device) for a in (items, start, count, last, positions)), ranks)
+    from r2led.models import route_kernels
+
+    h, present = hist.cpu().numpy().astype(np.int64, copy=False), mask.cpu().numpy().astype(bool, copy=False)
+    ranks = None if rank is None else rank.cpu().numpy()
+    n_items = len(ranks) if ranks is not None else (int(h.max(initial=0)) + 1)
+    if order is None:
+        order = np.argsort(ranks, kind="stable") if ranks is not None else np.arange(n_items)
+    if len(h) and (h.min() < 0 or h.max() >= len(order)):
+        raise ValueError(f"history holds item ids outside 0..{len(order) - 1}: min {h.min()}, max {h.max()}")
+    items, start, count, positions = route_kernels.index_history(h, present, np.asarray(order, dtype=np.int64))
+    return HistoryIndex(items, start, count, positions, None if ranks is None else ranks[items])
 
 
 def route_positions(
-    item_keys: torch.Tensor,
+    target_sig: torch.Tensor,
+    item_sig: torch.Tensor,
     index: HistoryIndex,
     length: int,
     k: int,
@@ -206,100 +187,29 @@ def route_positions(
     """``mixed_topk`` (``disjoint_mixed_topk`` if ``disjoint``) for C candidates against one
     history, from its distinct items.
 
-    item_keys: (C, U) each distinct item's best key for each candidate (``recency_keys`` of its
-    similarity at its most recent position, in a history of ``length``). The semantic view:
-    span (C, R, 2), each candidate's rank range at each route, coarsest route first
-    (``prefix_ranks``; None: none), with ``index`` ranked by the same ranks.
-    Returns positions (C, R, k) into the history (0 in a slot not taken) and taken (C, R, k):
-    the batch path's result on C copies of the history.
-
-    A route takes its best ``quota`` matching behaviours, then fills from the best ones not
-    among them: every behaviour ranked above its last fill is one of its k, so its fills are
-    among the best k overall and its matches among its best ``quota`` matching ones. A
-    disjoint route chooses after s finer routes took s k behaviours: everything above its
-    last fill is one of the (s + 1) k taken so far, so its fills are among the best (s + 1) k
-    overall and its matches among its best quota + s k matching ones. Those lists are exact
-    (``best_behaviours``, ``matched_items``); merged into key order they are all the batch
-    retrieval reads (``fill_in_order``). Past the top-k over items (torch), the arrays are
-    short: numpy, much lighter per operation.
+    target_sig (C, words), item_sig (U, words): SimHash signatures (``SimHash.signatures``) of
+    the candidates and of ``index``'s items. The semantic view: span (C, R, 2), each
+    candidate's rank range at each route, coarsest route first (``prefix_ranks``; None: none),
+    with ``index`` ranked by the same ranks. Returns positions (C, R, k) into the history of
+    ``length`` (0 in a slot not taken) and taken (C, R, k): the batch path's result on C
+    copies of the history.
     """
-    c, device = item_keys.shape[0], item_keys.device
-    if len(index.items) == 0:  # nothing to retrieve
-        return torch.zeros(c, routes, k, dtype=torch.long, device=device), torch.zeros(c, routes, k, dtype=torch.bool, device=device)
-    arrays = {name: getattr(index, name).cpu().numpy() for name in ("start", "count", "last", "positions")}
-    n = routes * k if disjoint else k
-    best, top = torch.topk(item_keys, min(n, item_keys.shape[1]), dim=1)  # (C, w) the best items
-    lists = [best_behaviours(best.cpu().numpy(), top.cpu().numpy(), n, length, **arrays)]  # (C, n)
-    if quota and span is not None:
-        depth = [quota + (routes - 1 - r) * k * disjoint for r in range(routes)]  # the finest route chooses first
-        for best, top, n in matched_items(item_keys, index, depth, span):  # coarsest route, then the others
-            lists.append(best_behaviours(best, top, n, length, **arrays).reshape(c, -1))  # (C, g n)
-    # merged into key order, each behaviour once; transposed (L, C): numpy scans along axis 0 fastest
-    packed = np.ascontiguousarray(np.sort(np.concatenate(lists, axis=1), axis=1)[:, ::-1].T)
-    valid = packed >= 0
-    valid[1:] &= packed[1:] != packed[:-1]  # a behaviour in two lists (equal keys are adjacent)
-    key, item = packed >> _ITEM_BITS, np.where(packed >= 0, packed & (2**_ITEM_BITS - 1), 0)
-    rank = index.rank.cpu().numpy()[item] if quota and span is not None else None
-    return _routes(key % length, valid, rank, span, k, quota, routes, disjoint, device)
+    from r2led.models import route_kernels
 
-
-def dense_route_positions(
-    keys: torch.Tensor, rank: torch.Tensor | None, span: torch.Tensor | None, k: int, quota: int, routes: int, disjoint: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``route_positions`` for a short history, every behaviour keyed: keys (C, T)
-    (``recency_keys``), rank (T,) each behaviour's item rank (``prefix_ranks``; None with no
-    semantic view). One sort per candidate puts the whole history in key order."""
-    key = np.ascontiguousarray(np.sort(keys.cpu().numpy(), axis=1)[:, ::-1].T)  # (T, C), best first
-    position = key % keys.shape[1]
-    rank = rank.cpu().numpy()[position] if rank is not None and quota and span is not None else None
-    return _routes(position, key >= 0, rank, span, k, quota, routes, disjoint, keys.device)
-
-
-def _routes(
-    position: np.ndarray, valid: np.ndarray, rank: np.ndarray | None, span: torch.Tensor | None, k: int, quota: int, routes: int, disjoint: bool, device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The routes from behaviours in key order (L, C): their positions, valid, item ranks."""
-    match = None
-    if rank is not None:  # the semantic view of each listed behaviour
-        bounds = span.cpu().numpy().transpose(1, 2, 0)  # (R, 2, C)
-        match = (rank >= bounds[:, :1]) & (rank < bounds[:, 1:])  # (R, L, C)
-    position, taken = fill_in_order(position, valid, match, k, quota, routes, disjoint)  # (R, k, C)
-    return torch.from_numpy(position.transpose(2, 0, 1).copy()).to(device), torch.from_numpy(taken.transpose(2, 0, 1).copy()).to(device)
-
-
-_ITEM_BITS = 24  # item indices packed under the keys, to sort them together: U < 2^24, keys < 2^39
-
-
-def fill_in_order(
-    position: np.ndarray, valid: np.ndarray, match: np.ndarray | None, k: int, quota: int, routes: int, disjoint: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """The routes' slots from behaviours listed in key order: position, valid (L, C); match
-    (R, L, C) the semantic view (None: none). Route r takes its first ``quota`` valid matches,
-    then its first valid behaviours not among them, k in all: matches first, then fills, each
-    in key order (``mixed_topk``'s slots). ``disjoint``: the finest route first, each one among
-    what the finer ones left (``disjoint_mixed_topk``). -> position (R, k, C), taken (R, k, C).
-    """
-    c = position.shape[1]
-    out = np.zeros((routes, k, c), dtype=np.int64)
-    count = np.zeros((routes, 1, c), dtype=np.int64)
-    free = valid
-    for r in reversed(range(routes)):
-        rank = np.cumsum(free & match[r], axis=0) if match is not None else np.zeros(free.shape, dtype=np.int64)
-        chosen = free & (rank <= quota) & (match[r] if match is not None else False)  # its matches
-        n_match = np.minimum(rank[-1], quota)  # (C,)
-        fill = free & ~chosen
-        fill_rank = np.cumsum(fill, axis=0)
-        fill &= fill_rank <= k - n_match  # its fills
-        at, col = np.nonzero(chosen | fill)  # the k (at most) entries taken, per column
-        out[r, np.where(chosen[at, col], rank[at, col], n_match[col] + fill_rank[at, col]) - 1, col] = position[at, col]
-        count[r, 0] = n_match + fill.sum(0)
-        if disjoint:
-            free = free & ~(chosen | fill)
-    return out, np.arange(k)[:, None] < count
+    c, device = target_sig.shape[0], target_sig.device
+    if span is not None and quota and index.rank is not None:
+        bounds = np.searchsorted(index.rank, span.cpu().numpy())  # (C, R, 2): each route's run of items
+        lo, hi = np.ascontiguousarray(bounds[..., 0]), np.ascontiguousarray(bounds[..., 1])
+    else:
+        lo = hi = np.zeros((c, routes), dtype=np.int64)
+    words = [np.ascontiguousarray(s.cpu().numpy()).view(np.uint64) for s in (target_sig, item_sig)]
+    out, n = route_kernels.fill_routes(*words, length, index.start, index.count, index.positions, lo, hi, k, quota, disjoint)
+    taken = np.arange(k) < n[..., None]
+    return torch.from_numpy(out).to(device), torch.from_numpy(taken).to(device)
 
 
 def prefix_ranks(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Buckets of items by SID prefix as rank ranges, for ``matched_items``.
+    """Buckets of items by SID prefix as rank ranges, for ``route_positions``.
 
     tokens (N+1, R): each item's prefix token at each route's level, coarsest first; prefixes
     nest (items sharing a fine prefix share every coarser one). Returns rank (N+1,): the item's
@@ -320,68 +230,3 @@ def prefix_ranks(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             raise ValueError("route tokens must nest: items sharing a fine prefix share every coarser one")
         span[:, r, 0], span[:, r, 1] = lo[tok[:, r]], hi[tok[:, r]]
     return torch.from_numpy(rank).to(tokens.device), torch.from_numpy(span).to(tokens.device)
-
-
-def matched_items(item_keys: torch.Tensor, index: HistoryIndex, depth: list[int], span: torch.Tensor):
-    """Each route's best-keyed items whose item shares the candidate's prefix at the route's
-    level, as many as ``depth`` says (per route), for ``best_behaviours``: per group of routes,
-    (best keys, item indices) (C g, w) as numpy arrays and the group's depth n, the coarsest
-    route first, then the finer ones.
-
-    span (C, R, 2): each candidate's rank range at each route (``prefix_ranks``); ``index`` is
-    ranked by the same ranks, so the items matching a candidate at a route are one run of
-    columns: a candidate reads only its runs, padded to the longest one read, (C, S) rather
-    than (C, U). The coarsest route's runs are the longest, so it is read apart.
-    """
-    c, r, _ = span.shape
-    u = len(index.items)
-    lo, hi = torch.searchsorted(index.rank, span).unbind(-1)  # (C, R) each: the runs
-    for routes in (slice(0, 1), slice(1, r)):
-        g_lo, g_hi = lo[:, routes], hi[:, routes]  # (C, g)
-        g = g_lo.shape[1]
-        if g == 0:
-            continue
-        n = max(depth[routes])
-        width = max(int((g_hi - g_lo).max()), 1)
-        col = g_lo.unsqueeze(-1) + torch.arange(width, device=lo.device)  # (C, g, S) item index
-        keys = torch.gather(item_keys, 1, col.view(c, -1).clamp_max(u - 1)).masked_fill_((col >= g_hi.unsqueeze(-1)).view(c, -1), NEG)
-        best, top = torch.topk(keys.view(c * g, width), min(n, width), dim=1)
-        # a padding column past the run is excluded (NEG): any item will do
-        yield best.cpu().numpy(), top.add_(g_lo.reshape(-1, 1)).clamp_max_(u - 1).cpu().numpy(), n
-
-
-def best_behaviours(
-    best: np.ndarray, top: np.ndarray, n: int, length: int, start: np.ndarray, count: np.ndarray, last: np.ndarray, positions: np.ndarray
-) -> np.ndarray:
-    """The n best-keyed behaviours of each row's best items, best first, packed as
-    ``key << _ITEM_BITS | item index`` (B, n) int64, -1 = none.
-
-    best, top (B, w): a row's w best items (index into the history's distinct items; their
-    ``HistoryIndex`` arrays follow) and their keys, best first, NEG = excluded.
-    A behaviour among the top n belongs to an item among the top n by best key (each better
-    item's most recent behaviour outranks it). The j-th most recent behaviour of an item is
-    outranked by every behaviour of the items of higher similarity, by the most recent one of
-    each better item of the same similarity, and by its own j more recent ones: it can be
-    among the top n only if these are fewer than n. So a row keys only those cells, often a
-    few items' behaviours (``recency_keys``: similarity * length + position), packed row by
-    row and padded to the longest row.
-    """
-    b, w = best.shape
-    if len(count) >= 1 << _ITEM_BITS or best.max(initial=0) >= 1 << (63 - _ITEM_BITS):
-        raise ValueError(f"history too long to pack its keys: {len(count)} distinct items, keys up to {best.max()}")
-    count = np.minimum(count[top], n)  # (B, w) the behaviours that can count
-    sim, at = best // length, np.arange(w)
-    level = np.maximum.accumulate(np.where(np.diff(sim, axis=1, prepend=-2) != 0, at, 0), axis=1)  # first item of its similarity
-    above = np.take_along_axis(np.cumsum(count, axis=1) - count, level, 1) + at - level  # behaviours that outrank its most recent
-    depth = np.clip(n - above, 0, count)  # (B, w) cells of each (row, item)
-    depth[best < 0] = 0  # none for an excluded item
-    flat = depth.ravel()
-    owner = np.repeat(np.arange(b * w), flat)  # (L,) the (row, item) of each cell, row by row
-    cell = np.arange(len(owner))
-    item = top.ravel()[owner]
-    key = (best - last[top]).ravel()[owner] + positions[start[item] + cell - (np.cumsum(flat) - flat)[owner]]
-    per_row = depth.sum(1)
-    row = owner // w
-    packed = np.full((b, max(int(per_row.max(initial=0)), n)), -1, dtype=np.int64)
-    packed[row, cell - (np.cumsum(per_row) - per_row)[row]] = (key << _ITEM_BITS) | item
-    return np.sort(packed, axis=1)[:, : -n - 1 : -1]

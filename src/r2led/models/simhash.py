@@ -42,12 +42,6 @@ def popcount64(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def unpack_bits(signatures: torch.Tensor) -> torch.Tensor:
-    """(n, words) int64 packed bits -> (n, words * 64) float32 in {0, 1}."""
-    one_bit = torch.ones(64, dtype=torch.long, device=signatures.device) << torch.arange(64, device=signatures.device)
-    return ((signatures.unsqueeze(-1) & one_bit) != 0).flatten(-2).float()  # bit 63 is the sign bit
-
-
 class SimHash(nn.Module):
     """Fixed random hyperplanes (a buffer, never trained) and packed signatures."""
 
@@ -70,31 +64,6 @@ class SimHash(nn.Module):
     def hamming(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """(..., words) x (..., words) broadcast -> (...,) int64 Hamming distance."""
         return popcount64(torch.bitwise_xor(a, b)).sum(-1)
-
-    @staticmethod
-    def pairwise_hamming(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """(C, words) x (U, words) -> (C, U) int64: the Hamming distance of every pair.
-
-        The values of ``hamming`` on all pairs, from ``similarity_operands``: one matrix
-        product of 0/1 bit vectors instead of C x U popcounts.
-        """
-        (left, _), (_, right) = SimHash.similarity_operands(a), SimHash.similarity_operands(b)
-        return (a.shape[-1] * 64 - left @ right.T).long()
-
-    @staticmethod
-    def similarity_operands(signatures: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, words) -> left, right (n, m + 2) float32: ``left(a) @ right(b).T`` is m - hamming
-        of every pair (a, b), exact.
-
-        m - hamming = (m - |a|) - |b| + 2 a.b for 0/1 bit vectors: left = [a, m - |a|, 1],
-        right = [2 b, 1, -|b|], the popcounts folded in as two extra columns. Exact: every term
-        and partial sum is an integer of magnitude at most 2m < 2^24, which float32 holds
-        exactly. Per item, so a server can keep them next to the signatures.
-        """
-        bits = unpack_bits(signatures)  # (n, m) in {0, 1}
-        pop = bits.sum(1, keepdim=True)
-        one = torch.ones_like(pop)
-        return torch.cat([bits, bits.shape[1] - pop, one], dim=1), torch.cat([2 * bits, one, -pop], dim=1)
 
     def cosine(self, hamming: torch.Tensor) -> torch.Tensor:
         """The SimHash estimate of the cosine similarity for a Hamming distance."""

@@ -1,0 +1,201 @@
+"""Multi-route Mixed Retrieval for one serving request, compiled (numba).
+
+A request scores C candidates against ONE history of T behaviours. A behaviour's key depends
+on it through its item (SimHash similarity to the candidate, SID-prefix match) and its
+position (recency), so the history is indexed once by distinct item (``index_history``: U
+items, each with its positions, most recent first), and each candidate then works on the U
+items: per-candidate work grows with U, not T, and no (C, T) array exists.
+
+``fill_routes`` gives, per candidate, exactly what ``retrieval.mixed_topk`` /
+``retrieval.disjoint_mixed_topk`` give on C copies of the history (the same behaviours in the
+same slots): every list it reads is produced lazily in key order, by a heap over the items
+that can contribute (``_best_behaviours``), so it reads only as deep as the routes need.
+
+Numba rather than array code: the work per candidate is a few hundred small, data-dependent
+steps (a heap, early exits), which array libraries can only express as many whole-array
+passes. Compiled once per machine (``cache=True``, in ``__pycache__``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True)
+def index_history(hist, present, order):
+    """One history indexed by distinct item, in the order ``order`` lists items.
+
+    hist (T,) int64 item ids, present (T,) bool, order (N+1,) int64 every item id once (e.g.
+    by SID-prefix rank, so the items sharing a prefix are one run). Returns items (U,), start
+    (U,), count (U,) and positions (n,): item u's behaviours are positions[start[u]:
+    start[u] + count[u]], most recent first. O(T + N): counting, no sort.
+    """
+    n_items = order.shape[0]
+    count_of = np.zeros(n_items, np.int64)
+    for i in range(hist.shape[0]):
+        if present[i]:
+            count_of[hist[i]] += 1
+    u = 0
+    for j in range(n_items):
+        if count_of[order[j]] > 0:
+            u += 1
+    items = np.empty(u, np.int64)
+    start = np.empty(u, np.int64)
+    count = np.empty(u, np.int64)
+    slot = np.zeros(n_items, np.int64)
+    u, n = 0, 0
+    for j in range(n_items):
+        item = order[j]
+        c = count_of[item]
+        if c > 0:
+            items[u], start[u], count[u], slot[item] = item, n, c, u
+            n += c
+            u += 1
+    positions = np.empty(n, np.int64)
+    filled = np.zeros(u, np.int64)
+    for i in range(hist.shape[0] - 1, -1, -1):  # most recent first
+        if present[i]:
+            s = slot[hist[i]]
+            positions[start[s] + filled[s]] = i
+            filled[s] += 1
+    return items, start, count, positions
+
+
+@njit(cache=True)
+def _popcount(x):
+    """Set bits of a uint64 (LLVM compiles this pattern to one ``popcnt``)."""
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return (x * np.uint64(0x0101010101010101)) >> np.uint64(56)
+
+
+@njit(cache=True)
+def _sift_down(keys, item, depth, size, at):
+    """Restore the max-heap property of (keys, item, depth)[:size] below ``at``."""
+    key, it, dp = keys[at], item[at], depth[at]
+    while True:
+        child = 2 * at + 1
+        if child >= size:
+            break
+        if child + 1 < size and keys[child + 1] > keys[child]:
+            child += 1
+        if keys[child] <= key:
+            break
+        keys[at], item[at], depth[at] = keys[child], item[child], depth[child]
+        at = child
+    keys[at], item[at], depth[at] = key, it, dp
+
+
+@njit(cache=True)
+def _best_behaviours(sim, lo, hi, need, length, start, count, positions, per_level, counted, heap_key, heap_item, heap_depth, out):
+    """The ``need`` best-keyed behaviours of items lo..hi-1 (key = sim * length + position, as
+    ``retrieval.recency_keys``), best first, written to ``out``; returns how many there are.
+
+    Only the ``need`` best items by their most recent behaviour can hold one of them, and they
+    lie at the ``need`` highest similarity levels that have items: a histogram over levels
+    finds the cut (``per_level``: items per similarity, already ``counted`` or not), a heap
+    over the items above it merges their behaviours in key order.
+    """
+    if need <= 0 or lo >= hi:
+        return 0
+    if not counted:
+        per_level[:] = 0
+        for u in range(lo, hi):
+            per_level[sim[u]] += 1
+    cut, seen = per_level.shape[0] - 1, 0
+    while cut > 0:
+        seen += per_level[cut]
+        if seen >= need:
+            break
+        cut -= 1
+    size = 0
+    for u in range(lo, hi):
+        if sim[u] >= cut:
+            heap_key[size] = sim[u] * length + positions[start[u]]
+            heap_item[size], heap_depth[size] = u, 0
+            size += 1
+    for at in range(size // 2 - 1, -1, -1):
+        _sift_down(heap_key, heap_item, heap_depth, size, at)
+    n = 0
+    while n < need and size > 0:
+        u, j = heap_item[0], heap_depth[0]
+        out[n] = positions[start[u] + j]
+        n += 1
+        if j + 1 < count[u]:  # the item's next most recent behaviour takes its place
+            heap_key[0] = sim[u] * length + positions[start[u] + j + 1]
+            heap_depth[0] = j + 1
+        else:
+            size -= 1
+            heap_key[0], heap_item[0], heap_depth[0] = heap_key[size], heap_item[size], heap_depth[size]
+        _sift_down(heap_key, heap_item, heap_depth, size, 0)
+    return n
+
+
+@njit(cache=True)
+def fill_routes(target_sig, item_sig, length, start, count, positions, lo, hi, k, quota, disjoint):
+    """Every candidate's routes: positions (C, R, k) into the history (0 where not taken) and
+    the number taken (C, R), slots taken first.
+
+    target_sig (C, W), item_sig (U, W) uint64 SimHash signatures of the candidates and of the
+    history's distinct items: similarity = m - hamming, m = 64 W; start, count, positions:
+    ``index_history``; lo, hi (C, R) the items matching each candidate at each route (one run,
+    coarsest route first; lo = hi: no semantic view).
+    Route r takes its best ``quota`` matching behaviours, then its best behaviours not among
+    them, k in all; ``disjoint``: the finest route first, each one among what finer ones left.
+    The fills of a route are among the best R k behaviours overall (k if not disjoint), its
+    matches among its best quota + (R - 1 - r) k matching ones (quota if not disjoint).
+    """
+    c_n, words = target_sig.shape
+    u_n = item_sig.shape[0]
+    levels = 64 * words + 1  # similarity 0..m
+    routes = lo.shape[1]
+    out = np.zeros((c_n, routes, k), np.int64)
+    taken = np.zeros((c_n, routes), np.int64)
+    heap_key = np.empty(u_n, np.int64)
+    heap_item = np.empty(u_n, np.int64)
+    heap_depth = np.empty(u_n, np.int64)
+    n_best = routes * k if disjoint else k
+    best = np.empty(n_best, np.int64)
+    matched = np.empty(quota + (routes - 1) * k, np.int64)
+    used = np.full(length, -1, np.int64)  # candidate that took the behaviour (disjoint routes)
+    chosen = np.full(length, -1, np.int64)  # candidate * R + route that chose it as a match
+    row = np.empty(u_n, np.int64)
+    per_level = np.empty(levels, np.int64)
+    for c in range(c_n):
+        per_level[:] = 0
+        for u in range(u_n):  # similarity to every distinct item, and how many per level
+            hamming = 0
+            for w in range(words):
+                hamming += _popcount(target_sig[c, w] ^ item_sig[u, w])
+            row[u] = levels - 1 - hamming
+            per_level[row[u]] += 1
+        n_g = _best_behaviours(row, 0, u_n, n_best, length, start, count, positions, per_level, True, heap_key, heap_item, heap_depth, best)
+        for r in range(routes - 1, -1, -1):
+            n = 0
+            if quota > 0 and lo[c, r] < hi[c, r]:
+                depth = quota + (routes - 1 - r) * k if disjoint else quota
+                n_m = _best_behaviours(row, lo[c, r], hi[c, r], depth, length, start, count, positions, per_level, False, heap_key, heap_item, heap_depth, matched)
+                for i in range(n_m):
+                    p = matched[i]
+                    if used[p] == c:
+                        continue
+                    out[c, r, n] = p
+                    chosen[p] = c * routes + r
+                    n += 1
+                    if n == quota:
+                        break
+            for i in range(n_g):
+                if n == k:
+                    break
+                p = best[i]
+                if used[p] == c or chosen[p] == c * routes + r:
+                    continue
+                out[c, r, n] = p
+                n += 1
+            taken[c, r] = n
+            if disjoint:
+                for i in range(n):
+                    used[out[c, r, i]] = c
+    return out, taken
