@@ -133,6 +133,13 @@ def test_peak_allocated_counts_what_a_call_allocates():
     _, peak = peak_allocated(work)
     assert 8 * 2**20 <= peak < 9 * 2**20
 
+    def numpy_work():
+        a = np.ones(1 << 19)  # 4 MiB in numpy, outside torch's allocator
+        return torch.from_numpy(a).sum()
+
+    _, peak = peak_allocated(numpy_work)
+    assert 4 * 2**20 <= peak < 5 * 2**20
+
 
 def test_synthetic_histories_repeat_items_within_few_topics():
     cat = synthetic_catalogue(2000, seed=1)

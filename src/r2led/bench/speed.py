@@ -21,8 +21,10 @@ machine hit every model and every length alike (see ``Phase``).
   beyond what existed before it: the peak of the running sum of the CPU allocator's
   allocation/free events recorded by ``torch.profiler`` (``profile_memory=True``), measured
   on a separate, untimed call. Parameters, optimizer state, caches and the input tensors
-  exist before and are not counted. Memory torch does not allocate (numpy, Python) is not
-  counted either; every model here does its work in torch.
+  exist before and are not counted. Plus the peak of what numpy and Python allocate meanwhile
+  (``tracemalloc``): R2LED's serving retrieval keeps its history index and working arrays in
+  numpy (its compiled kernels allocate nothing themselves). The sum of the two peaks bounds
+  the request's peak from above.
 - **Limits.** Before a model runs at a length, its memory and time are extrapolated linearly
   in T from the largest length already measured (a small calibration length first); a run
   needing more than ``memory_limit_gb`` or more than ``time_limit_s`` per call is not run, and
@@ -44,6 +46,7 @@ import math
 import os
 import platform
 import sys
+import tracemalloc
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -239,19 +242,25 @@ def check_lengths(lengths: Sequence[int]) -> list[int]:
 
 # ---- measurement primitives ----------------------------------------------------------------
 def peak_allocated(fn: Callable[[], object]) -> tuple[object, int]:
-    """Run ``fn`` once; return its result and the peak extra bytes torch allocated meanwhile.
+    """Run ``fn`` once; return its result and the peak extra bytes allocated meanwhile: torch's
+    peak plus the peak of numpy and Python allocations (``tracemalloc``).
 
     The running sum of the profiler's "[memory]" events (allocations +, frees -, in time
     order) only counts blocks allocated inside the window, so it is the request's own
-    working set, whatever was allocated before.
+    working set, whatever was allocated before; so is tracemalloc's peak, started with it.
     """
     from torch.profiler import ProfilerActivity, profile
 
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
+        tracemalloc.start()
+        try:
+            result = fn()
+        finally:
+            outside_torch = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     running = np.cumsum([n for _, n in events]) if events else np.zeros(1)
-    return result, int(max(running.max(), 0))
+    return result, int(max(running.max(), 0)) + outside_torch
 
 
 @contextlib.contextmanager
@@ -867,8 +876,8 @@ def speed_markdown(report: dict) -> str:
         f"- training: forward + backward + Adam on {s['train_batch']} samples with their own histories; a warm-up step, "
         f"then the median of {s['train_steps']} steps",
         "- peak memory: the extra bytes torch allocates during one request (one training step), from torch.profiler's "
-        "allocation events (profile_memory=True) on an untimed call; parameters, optimizer state, caches and inputs "
-        "exist before and are not counted",
+        "allocation events (profile_memory=True) on an untimed call, plus the peak of numpy and Python allocations "
+        "(tracemalloc) in the same call; parameters, optimizer state, caches and inputs exist before and are not counted",
         f"- limits: a run is not started when its memory or time, extrapolated linearly in T from the previous length, "
         f"exceeds {s['memory_limit_gb']:g} GB or {s['time_limit_s']:g} s per call; reasons are listed below",
         "",

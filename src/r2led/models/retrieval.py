@@ -154,7 +154,7 @@ class HistoryIndex:
 
 def index_history(hist: torch.Tensor, mask: torch.Tensor, rank: torch.Tensor | None = None, order: np.ndarray | None = None) -> HistoryIndex:
     """Index one history (T,) by item: its distinct items and each one's positions, most recent
-    first. O(T + N) counting (``route_kernels.index_history``), no sort.
+    first. O(T + N) counting (``route_kernels.count_items``, ``index_items``), no sort.
 
     ``rank`` (N+1,): the distinct items come in the order of their rank (``prefix_ranks``: the
     items sharing a SID prefix are then one run), kept in ``HistoryIndex.rank``; ``order``:
@@ -169,7 +169,11 @@ def index_history(hist: torch.Tensor, mask: torch.Tensor, rank: torch.Tensor | N
         order = np.argsort(ranks, kind="stable") if ranks is not None else np.arange(n_items)
     if len(h) and (h.min() < 0 or h.max() >= len(order)):
         raise ValueError(f"history holds item ids outside 0..{len(order) - 1}: min {h.min()}, max {h.max()}")
-    items, start, count, positions = route_kernels.index_history(h, present, np.asarray(order, dtype=np.int64))
+    order = np.asarray(order, dtype=np.int64)
+    count_of, slot = np.empty(len(order), np.int64), np.empty(len(order), np.int64)
+    u, n = route_kernels.count_items(h, present, order, count_of)
+    items, start, count, positions = np.empty(u, np.int64), np.empty(u, np.int64), np.empty(u, np.int64), np.empty(n, np.int64)
+    route_kernels.index_items(h, present, order, count_of, slot, items, start, count, positions)
     return HistoryIndex(items, start, count, positions, None if ranks is None else ranks[items])
 
 
@@ -203,7 +207,9 @@ def route_positions(
     else:
         lo = hi = np.zeros((c, routes), dtype=np.int64)
     words = [np.ascontiguousarray(s.cpu().numpy()).view(np.uint64) for s in (target_sig, item_sig)]
-    out, n = route_kernels.fill_routes(*words, length, index.start, index.count, index.positions, lo, hi, k, quota, disjoint)
+    out, n = np.zeros((c, routes, k), np.int64), np.empty((c, routes), np.int64)
+    work = route_kernels.scratch(length, len(index.items), k, quota, routes, words[0].shape[1])
+    route_kernels.fill_routes(*words, length, index.start, index.count, index.positions, lo, hi, k, quota, disjoint, out, n, work)
     taken = np.arange(k) < n[..., None]
     return torch.from_numpy(out).to(device), torch.from_numpy(taken).to(device)
 

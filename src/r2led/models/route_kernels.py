@@ -23,43 +23,44 @@ from numba import njit
 
 
 @njit(cache=True)
-def index_history(hist, present, order):
-    """One history indexed by distinct item, in the order ``order`` lists items.
-
-    hist (T,) int64 item ids, present (T,) bool, order (N+1,) int64 every item id once (e.g.
-    by SID-prefix rank, so the items sharing a prefix are one run). Returns items (U,), start
-    (U,), count (U,) and positions (n,): item u's behaviours are positions[start[u]:
-    start[u] + count[u]], most recent first. O(T + N): counting, no sort.
-    """
-    n_items = order.shape[0]
-    count_of = np.zeros(n_items, np.int64)
+def count_items(hist, present, order, count_of):
+    """Behaviours per item into ``count_of`` (N+1,) (zeroed); returns (distinct items, present
+    behaviours). hist (T,) int64 item ids, present (T,) bool, order (N+1,) every item id once."""
+    count_of[:] = 0
+    n = 0
     for i in range(hist.shape[0]):
         if present[i]:
             count_of[hist[i]] += 1
+            n += 1
     u = 0
-    for j in range(n_items):
+    for j in range(order.shape[0]):
         if count_of[order[j]] > 0:
             u += 1
-    items = np.empty(u, np.int64)
-    start = np.empty(u, np.int64)
-    count = np.empty(u, np.int64)
-    slot = np.zeros(n_items, np.int64)
+    return u, n
+
+
+@njit(cache=True)
+def index_items(hist, present, order, count_of, slot, items, start, count, positions):
+    """The history indexed by distinct item, in the order ``order`` lists items (e.g. by
+    SID-prefix rank, so the items sharing a prefix are one run), after ``count_items``: items
+    (U,), start (U,), count (U,), positions (n,) filled so that item u's behaviours are
+    positions[start[u]: start[u] + count[u]], most recent first; slot (N+1,) scratch.
+    O(T + N): counting, no sort.
+    """
     u, n = 0, 0
-    for j in range(n_items):
+    for j in range(order.shape[0]):
         item = order[j]
         c = count_of[item]
         if c > 0:
             items[u], start[u], count[u], slot[item] = item, n, c, u
             n += c
             u += 1
-    positions = np.empty(n, np.int64)
-    filled = np.zeros(u, np.int64)
+    count_of[:] = 0  # reused: behaviours placed so far per distinct item
     for i in range(hist.shape[0] - 1, -1, -1):  # most recent first
         if present[i]:
             s = slot[hist[i]]
-            positions[start[s] + filled[s]] = i
-            filled[s] += 1
-    return items, start, count, positions
+            positions[start[s] + count_of[s]] = i
+            count_of[s] += 1
 
 
 @njit(cache=True)
@@ -134,14 +135,16 @@ def _best_behaviours(sim, lo, hi, need, length, start, count, positions, per_lev
 
 
 @njit(cache=True)
-def fill_routes(target_sig, item_sig, length, start, count, positions, lo, hi, k, quota, disjoint):
+def fill_routes(target_sig, item_sig, length, start, count, positions, lo, hi, k, quota, disjoint, out, taken, scratch):
     """Every candidate's routes: positions (C, R, k) into the history (0 where not taken) and
     the number taken (C, R), slots taken first.
 
     target_sig (C, W), item_sig (U, W) uint64 SimHash signatures of the candidates and of the
     history's distinct items: similarity = m - hamming, m = 64 W; start, count, positions:
     ``index_history``; lo, hi (C, R) the items matching each candidate at each route (one run,
-    coarsest route first; lo = hi: no semantic view).
+    coarsest route first; lo = hi: no semantic view). Writes out (C, R, k) zeroed and taken
+    (C, R); ``scratch``: ``Scratch`` (the kernels allocate nothing, so the caller's memory
+    accounting sees every byte).
     Route r takes its best ``quota`` matching behaviours, then its best behaviours not among
     them, k in all; ``disjoint``: the finest route first, each one among what finer ones left.
     The fills of a route are among the best R k behaviours overall (k if not disjoint), its
@@ -151,18 +154,10 @@ def fill_routes(target_sig, item_sig, length, start, count, positions, lo, hi, k
     u_n = item_sig.shape[0]
     levels = 64 * words + 1  # similarity 0..m
     routes = lo.shape[1]
-    out = np.zeros((c_n, routes, k), np.int64)
-    taken = np.zeros((c_n, routes), np.int64)
-    heap_key = np.empty(u_n, np.int64)
-    heap_item = np.empty(u_n, np.int64)
-    heap_depth = np.empty(u_n, np.int64)
+    heap_key, heap_item, heap_depth, row, best, matched, per_level, used, chosen = scratch
     n_best = routes * k if disjoint else k
-    best = np.empty(n_best, np.int64)
-    matched = np.empty(quota + (routes - 1) * k, np.int64)
-    used = np.full(length, -1, np.int64)  # candidate that took the behaviour (disjoint routes)
-    chosen = np.full(length, -1, np.int64)  # candidate * R + route that chose it as a match
-    row = np.empty(u_n, np.int64)
-    per_level = np.empty(levels, np.int64)
+    used[:] = -1  # candidate that took the behaviour (disjoint routes)
+    chosen[:] = -1  # candidate * R + route that chose it as a match
     for c in range(c_n):
         per_level[:] = 0
         for u in range(u_n):  # similarity to every distinct item, and how many per level
@@ -198,4 +193,10 @@ def fill_routes(target_sig, item_sig, length, start, count, positions, lo, hi, k
             if disjoint:
                 for i in range(n):
                     used[out[c, r, i]] = c
-    return out, taken
+
+
+def scratch(length: int, distinct: int, k: int, quota: int, routes: int, words: int) -> tuple[np.ndarray, ...]:
+    """``fill_routes``'s working arrays: heap (3 x U), similarity row (U), best (R k), matched
+    (quota + (R-1) k), per level (64 W + 1), and two stamps per position (T, int32)."""
+    ints = [distinct, distinct, distinct, distinct, routes * k, quota + (routes - 1) * k, 64 * words + 1]
+    return (*(np.empty(n, np.int64) for n in ints), np.empty(length, np.int32), np.empty(length, np.int32))
