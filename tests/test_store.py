@@ -362,3 +362,11 @@ def test_failed_rename_puts_the_old_store_back(tmp_path, monkeypatch):
         build_store(tiny_tables(), out, Protocol(min_history=1), force=True)
     assert LifelongStore(out).manifest["protocol"]["min_history"] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_ml100k_age_groups_are_right_closed_buckets_and_keep_a_missing_age():
+    from r2led.data.sources.movielens import _age_group
+
+    ages = pl.DataFrame({"age": [None, 1, 17, 18, 24, 25, 55, 56]}, schema={"age": pl.Int64})
+    got = ages.select(_age_group(pl.col("age"), [17, 24, 34, 44, 49, 55]))["age"].to_list()
+    assert got == [None, "(-inf, 17]", "(-inf, 17]", "(17, 24]", "(17, 24]", "(24, 34]", "(49, 55]", "(55, inf]"]

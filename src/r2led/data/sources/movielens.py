@@ -86,7 +86,7 @@ def load_ml100k() -> CanonicalTables:
         pl.col("user_id").alias("user"),
         pl.col("gender"),
         # ML-100K ages are exact; bucket them like ML-1M's published age groups.
-        pl.col("age").cast(pl.Int64, strict=False).cut([17, 24, 34, 44, 49, 55]).cast(pl.String).alias("age"),
+        _age_group(pl.col("age").cast(pl.Int64, strict=False), [17, 24, 34, 44, 49, 55]).alias("age"),
         pl.col("occupation"),
         pl.col("zip_code").alias("zip"),
     )
@@ -101,3 +101,12 @@ def movielens_available(name: str) -> bool:
     except Exception:
         return False
     return True
+
+
+def _age_group(age: pl.Expr, breaks: list[int]) -> pl.Expr:
+    """Right-closed age buckets labelled as polars' ``cut`` labelled them ("(17, 24]"), null
+    for a missing age; written out because ``cut`` is deprecated."""
+    edges = ["-inf", *map(str, breaks), "inf"]
+    labels = {i: f"({lo}, {hi}]" for i, (lo, hi) in enumerate(zip(edges, edges[1:]))}
+    bucket = pl.sum_horizontal([(age > b).cast(pl.Int32) for b in breaks])
+    return pl.when(age.is_null()).then(None).otherwise(bucket.replace_strict(labels, return_dtype=pl.String))
