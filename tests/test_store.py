@@ -368,5 +368,5 @@ def test_ml100k_age_groups_are_right_closed_buckets_and_keep_a_missing_age():
     from r2led.data.sources.movielens import _age_group
 
     ages = pl.DataFrame({"age": [None, 1, 17, 18, 24, 25, 55, 56]}, schema={"age": pl.Int64})
-    got = ages.select(_age_group(pl.col("age"), [17, 24, 34, 44, 49, 55]))["age"].to_list()
+    got = ages.select(_age_group(pl.col("age"), [17, 24, 34, 44, 49, 55]).alias("group"))["group"].to_list()
     assert got == [None, "(-inf, 17]", "(-inf, 17]", "(17, 24]", "(17, 24]", "(24, 34]", "(49, 55]", "(55, inf]"]
