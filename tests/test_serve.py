@@ -96,6 +96,11 @@ def test_export_load_round_trip_gives_identical_scores(run, exported, tiny_store
     assert np.array_equal(direct.score(user, candidates), scoring.score(user, candidates))
 
 
+def test_loading_warms_the_model_up_so_the_first_request_finds_its_caches(scoring):
+    assert scoring.name == "r2led" and scoring.info["warm_up_s"] > 0
+    assert scoring.model._tables_cache._entry is not None  # per-item tables built by the warm-up, before any request
+
+
 def test_model_without_sid_exports_without_sid_folder(tiny_store, tmp_path):
     train(tiny_store, tmp_path / "run", "din")
     out = export_run(tmp_path / "run", tmp_path / "din")

@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -176,7 +177,7 @@ def load_exported(path: str | Path, max_candidates: int = DEFAULT_MAX_CANDIDATES
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"{path / 'vocab.json'}: no vocabulary for user feature {exc}") from exc
     user_features = users.select(feature_names).to_numpy().astype(np.int64) if feature_names else np.zeros((users.height, 0), np.int64)
-    return ScoringModel(
+    scoring = ScoringModel(
         model,
         item_keys=items["key"].to_list(),
         user_keys=users["key"].to_list(),
@@ -186,6 +187,8 @@ def load_exported(path: str | Path, max_candidates: int = DEFAULT_MAX_CANDIDATES
         max_candidates=max_candidates,
         info=manifest,
     )
+    scoring.warm_up()
+    return scoring
 
 
 def _read_json(path: Path) -> dict:
@@ -403,6 +406,27 @@ class ScoringModel:
         return len(loaded)
 
     # ---- scoring --------------------------------------------------------------------------
+    def warm_up(self) -> float:
+        """One throw-away request (a one-behaviour history, two candidates, no user) so that the
+        first real request does not pay for compiling R2LED's retrieval kernels (seconds on a
+        machine without numba's on-disk cache) or filling the per-item caches. Returns its
+        seconds, also kept in ``info["warm_up_s"]``."""
+        start = time.perf_counter()
+        one = torch.ones(1, 1, dtype=torch.long).expand(2, 1)  # as ``score`` passes a history: shared by the rows
+        batch = Batch(
+            user=torch.full((2,), -1, dtype=torch.long),
+            user_feats=torch.zeros(1, self._table_features.shape[1], dtype=torch.long).expand(2, -1),
+            target=torch.ones(2, dtype=torch.long),
+            hist_items=one,
+            hist_signal=one,
+            hist_mask=torch.ones(1, 1, dtype=torch.bool).expand(2, 1),
+            label=torch.zeros(2),
+        )
+        with torch.no_grad():
+            self.model(batch)
+        self.info["warm_up_s"] = round(time.perf_counter() - start, 3)
+        return self.info["warm_up_s"]
+
     @torch.no_grad()
     def score(self, user_key: str, candidate_keys: Sequence) -> np.ndarray:
         """Click probabilities (C,) float64 of the candidates, in order, for the user's history.
