@@ -26,6 +26,7 @@ from r2led.data.batches import Batch
 from r2led.models.base import CtrModel, short_window
 from r2led.models.layers import DinAttention, ItemTableCache, ModuleCache, TargetAttention, gather_behaviours, masked_softmax, per_unique_item
 from r2led.models.retrieval import (
+    batch_route_positions,
     disjoint_mixed_topk,
     index_history,
     mixed_topk,
@@ -166,10 +167,23 @@ class R2LED(CtrModel):
         return self._retrieve(target, hist, mask)
 
     def _retrieve(self, target: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch path: score every behaviour of ``hist`` (B, T). Returns indices into T."""
+        """The batch path: score every behaviour of ``hist`` (B, T). Returns indices into T.
+
+        On CPU the compiled kernel (``batch_route_positions``); elsewhere (a GPU) whole-batch
+        tensor operations (``mixed_topk``, ``disjoint_mixed_topk``), the reference it is
+        tested against."""
+        if hist.device.type != "cpu":
+            return self._retrieve_tensors(target, hist, mask)
+        quota = route_quota(self.k, self.cfg.rho) if self.use_sid else 0
+        tokens = self.route_tokens if self.use_sid else None
+        disjoint = self.use_sid and self.cfg.disjoint_routes
+        return batch_route_positions(hist, mask, target, self.item_signatures(), tokens, self.k, quota, self.n_routes, disjoint)
+
+    def _retrieve_tensors(self, target: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_retrieve`` in whole-batch tensor operations (any device)."""
         b, m = hist.shape
-        flat = hist.reshape(-1)  # row gathers by index_select: several times faster than [...]
         sigs = self.item_signatures()
+        flat = hist.reshape(-1)  # row gathers by index_select: several times faster than [...]
         hamming = SimHash.hamming(sigs.index_select(0, flat).view(b, m, -1), sigs[target].unsqueeze(1))  # (B, M)
         keys = recency_keys(self.simhash.bits - hamming, mask)  # (B, M) int64
         if not self.use_sid:

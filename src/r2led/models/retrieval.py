@@ -214,6 +214,28 @@ def route_positions(
     return torch.from_numpy(out).to(device), torch.from_numpy(taken).to(device)
 
 
+def batch_route_positions(
+    hist: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, sigs: torch.Tensor, tokens: torch.Tensor | None, k: int, quota: int, routes: int, disjoint: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mixed_topk`` (``disjoint_mixed_topk`` if ``disjoint``) for a batch whose rows have
+    their own histories, compiled (``route_kernels.batch_routes``), on CPU: the same slots.
+
+    hist, mask (B, T); target (B,); sigs (N+1, words) every item's SimHash signature; tokens
+    (N+1, R) each item's prefix token at each route's level (None: no semantic view). Returns
+    index (B, R, k) into T (0 in a slot not taken) and taken (B, R, k).
+    """
+    from r2led.models import route_kernels
+
+    b, t = hist.shape
+    tok = np.zeros((len(sigs), 0), np.int64) if tokens is None else np.ascontiguousarray(tokens.cpu().numpy().astype(np.int64, copy=False))
+    out, n = np.zeros((b, routes, k), np.int64), np.empty((b, routes), np.int64)
+    args = [np.ascontiguousarray(x.cpu().numpy()) for x in (hist, mask, target)]
+    sig = np.ascontiguousarray(sigs.cpu().numpy()).view(np.uint64)
+    work = route_kernels.batch_scratch(t, k, quota, routes, sig.shape[1])
+    route_kernels.batch_routes(*args, sig, tok, k, quota, routes, disjoint, out, n, work)
+    return torch.from_numpy(out), torch.from_numpy(np.arange(k) < n[..., None])
+
+
 def prefix_ranks(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Buckets of items by SID prefix as rank ranges, for ``route_positions``.
 

@@ -105,12 +105,7 @@ def _best_behaviours(sim, lo, hi, need, length, start, count, positions, per_lev
         per_level[:] = 0
         for u in range(lo, hi):
             per_level[sim[u]] += 1
-    cut, seen = per_level.shape[0] - 1, 0
-    while cut > 0:
-        seen += per_level[cut]
-        if seen >= need:
-            break
-        cut -= 1
+    cut = _cut(per_level, need)
     size = 0
     for u in range(lo, hi):
         if sim[u] >= cut:
@@ -168,31 +163,41 @@ def fill_routes(target_sig, item_sig, length, start, count, positions, lo, hi, k
             per_level[row[u]] += 1
         n_g = _best_behaviours(row, 0, u_n, n_best, length, start, count, positions, per_level, True, heap_key, heap_item, heap_depth, best)
         for r in range(routes - 1, -1, -1):
-            n = 0
+            n_m = 0
             if quota > 0 and lo[c, r] < hi[c, r]:
                 depth = quota + (routes - 1 - r) * k if disjoint else quota
                 n_m = _best_behaviours(row, lo[c, r], hi[c, r], depth, length, start, count, positions, per_level, False, heap_key, heap_item, heap_depth, matched)
-                for i in range(n_m):
-                    p = matched[i]
-                    if used[p] == c:
-                        continue
-                    out[c, r, n] = p
-                    chosen[p] = c * routes + r
-                    n += 1
-                    if n == quota:
-                        break
-            for i in range(n_g):
-                if n == k:
-                    break
-                p = best[i]
-                if used[p] == c or chosen[p] == c * routes + r:
-                    continue
-                out[c, r, n] = p
-                n += 1
-            taken[c, r] = n
-            if disjoint:
-                for i in range(n):
-                    used[out[c, r, i]] = c
+            taken[c, r] = _take_route(c, c * routes + r, matched, n_m, best, n_g, k, quota, disjoint, used, chosen, out[c, r])
+
+
+@njit(cache=True)
+def _take_route(owner, route_id, matched, n_m, best, n_g, k, quota, disjoint, used, chosen, slots):
+    """One route of one row: its first ``quota`` matches not ``used`` by ``owner``'s finer
+    routes (``matched[:n_m]``, key order), then the first of ``best[:n_g]`` neither used nor
+    among them, k in all, into ``slots``; returns how many. Stamps: ``chosen[p] = route_id``
+    for its matches, ``used[p] = owner`` for all it takes when ``disjoint``."""
+    n = 0
+    for i in range(n_m):
+        if n == quota:
+            break
+        p = matched[i]
+        if used[p] == owner:
+            continue
+        slots[n] = p
+        chosen[p] = route_id
+        n += 1
+    for i in range(n_g):
+        if n == k:
+            break
+        p = best[i]
+        if used[p] == owner or chosen[p] == route_id:
+            continue
+        slots[n] = p
+        n += 1
+    if disjoint:
+        for i in range(n):
+            used[slots[i]] = owner
+    return n
 
 
 def scratch(length: int, distinct: int, k: int, quota: int, routes: int, words: int) -> tuple[np.ndarray, ...]:
@@ -200,3 +205,114 @@ def scratch(length: int, distinct: int, k: int, quota: int, routes: int, words: 
     (quota + (R-1) k), per level (64 W + 1), and two stamps per position (T, int32)."""
     ints = [distinct, distinct, distinct, distinct, routes * k, quota + (routes - 1) * k, 64 * words + 1]
     return (*(np.empty(n, np.int64) for n in ints), np.empty(length, np.int32), np.empty(length, np.int32))
+
+
+@njit(cache=True)
+def _best_keys(keys, n_keys, need, out):
+    """The ``need`` largest of ``keys[:n_keys]`` (distinct), largest first, as positions
+    (key % T is left to the caller) into ``out``; returns how many. Sorts in place."""
+    part = keys[:n_keys]
+    part.sort()
+    n = min(need, n_keys)
+    for i in range(n):
+        out[i] = part[n_keys - 1 - i]
+    return n
+
+
+@njit(cache=True)
+def batch_routes(hist, mask, target, sigs, tokens, k, quota, routes, disjoint, out, taken, scratch):
+    """``retrieval.mixed_topk`` / ``disjoint_mixed_topk`` for a training batch, row by row:
+    positions (B, R, k) into each row's history (0 where not taken) into ``out`` (zeroed),
+    the number taken (B, R) into ``taken``.
+
+    hist, mask (B, T); target (B,); sigs (N+1, W) uint64 SimHash signatures of every item;
+    tokens (N+1, R') each item's prefix token at each route's level, coarsest first (R' = 0:
+    no semantic view). A row's keys are similarity * T + position; two passes over its T
+    behaviours (histograms of similarity levels, overall and per route, then the behaviours
+    at or above each list's cut) and a sort of those few give every list the routes read.
+    """
+    b_n, t_n = hist.shape
+    words = sigs.shape[1]
+    levels = 64 * words + 1
+    semantic = tokens.shape[1] > 0 and quota > 0
+    sim, flags, cand, route_cand, best, matched, level_all, level_route, cut_route, n_route, used, chosen = scratch
+    n_best = routes * k if disjoint else k
+    used[:] = -1
+    chosen[:] = -1
+    for b in range(b_n):
+        tb = target[b]
+        level_all[:] = 0
+        level_route[:, :] = 0
+        for t in range(t_n):  # pass 1: similarity, route matches, histograms
+            if not mask[b, t]:
+                sim[t] = -1
+                continue
+            h = hist[b, t]
+            hamming = 0
+            for w in range(words):
+                hamming += _popcount(sigs[tb, w] ^ sigs[h, w])
+            s = levels - 1 - hamming
+            sim[t] = s
+            level_all[s] += 1
+            f = 0
+            if semantic:
+                for r in range(routes):
+                    if tokens[h, r] == tokens[tb, r]:
+                        f |= 1 << r
+                        level_route[r, s] += 1
+            flags[t] = f
+        cut = _cut(level_all, n_best)
+        for r in range(routes):
+            cut_route[r] = _cut(level_route[r], quota + (routes - 1 - r) * k if disjoint else quota) if semantic else levels
+            n_route[r] = 0
+        n_cand = 0
+        for t in range(t_n):  # pass 2: the behaviours that can make a list, keyed
+            s = sim[t]
+            if s < 0:
+                continue
+            key = s * t_n + t
+            if s >= cut:
+                cand[n_cand] = key
+                n_cand += 1
+            if flags[t]:
+                for r in range(routes):
+                    if flags[t] & (1 << r) and s >= cut_route[r]:
+                        route_cand[r, n_route[r]] = key
+                        n_route[r] += 1
+        n_g = _best_keys(cand, n_cand, n_best, best)
+        for i in range(n_g):
+            best[i] %= t_n
+        for r in range(routes - 1, -1, -1):
+            n_m = 0
+            if semantic:
+                depth = quota + (routes - 1 - r) * k if disjoint else quota
+                n_m = _best_keys(route_cand[r], n_route[r], depth, matched)
+                for i in range(n_m):
+                    matched[i] %= t_n
+            taken[b, r] = _take_route(b, b * routes + r, matched, n_m, best, n_g, k, quota, disjoint, used, chosen, out[b, r])
+
+
+@njit(cache=True)
+def _cut(per_level, need):
+    """The lowest similarity level a list of ``need`` can reach: the highest level at which
+    the behaviours counted at or above it are at least ``need`` (0 if never)."""
+    cut, seen = per_level.shape[0] - 1, 0
+    while cut > 0:
+        seen += per_level[cut]
+        if seen >= need:
+            break
+        cut -= 1
+    return cut
+
+
+def batch_scratch(length: int, k: int, quota: int, routes: int, words: int) -> tuple[np.ndarray, ...]:
+    """``batch_routes``'s working arrays (per row, reused): similarity and match flags per
+    behaviour, the keyed candidates overall and per route (T each), the lists, the level
+    histograms, and two stamps per position."""
+    levels = 64 * words + 1
+    return (
+        np.empty(length, np.int64), np.empty(length, np.int64), np.empty(length, np.int64), np.empty((routes, length), np.int64),
+        np.empty(routes * k, np.int64), np.empty(quota + (routes - 1) * k, np.int64),
+        np.empty(levels, np.int64), np.empty((routes, levels), np.int64), np.empty(routes, np.int64), np.empty(routes, np.int64),
+        np.empty(length, np.int32), np.empty(length, np.int32),
+    )  # fmt: skip
