@@ -1,19 +1,23 @@
-"""Multi-route Mixed Retrieval for one serving request, compiled (numba).
+"""Multi-route Mixed Retrieval, compiled (numba): the same slots as ``retrieval.mixed_topk`` /
+``retrieval.disjoint_mixed_topk``, without whole-array passes.
 
-A request scores C candidates against ONE history of T behaviours. A behaviour's key depends
-on it through its item (SimHash similarity to the candidate, SID-prefix match) and its
-position (recency), so the history is indexed once by distinct item (``index_history``: U
-items, each with its positions, most recent first), and each candidate then works on the U
-items: per-candidate work grows with U, not T, and no (C, T) array exists.
+Serving (``fill_routes``): a request scores C candidates against ONE history of T behaviours.
+A behaviour's key depends on it through its item (SimHash similarity to the candidate,
+SID-prefix match) and its position (recency), so the history is indexed once by distinct item
+(``count_items``, ``index_items``: U items, each with its positions, most recent first), and
+each candidate works on the U items: per-candidate work grows with U, not T, and no (C, T)
+array exists. Every list a route reads is produced lazily in key order, by a heap over the
+items that can contribute (``_best_behaviours``), only as deep as the routes need.
 
-``fill_routes`` gives, per candidate, exactly what ``retrieval.mixed_topk`` /
-``retrieval.disjoint_mixed_topk`` give on C copies of the history (the same behaviours in the
-same slots): every list it reads is produced lazily in key order, by a heap over the items
-that can contribute (``_best_behaviours``), so it reads only as deep as the routes need.
+Training and evaluation (``batch_routes``): every row has its own history; two passes over a
+row (similarity-level histograms, then keys for the behaviours above each list's cut) and a
+sort of those few.
 
-Numba rather than array code: the work per candidate is a few hundred small, data-dependent
-steps (a heap, early exits), which array libraries can only express as many whole-array
-passes. Compiled once per machine (``cache=True``, in ``__pycache__``).
+Both fill the routes with ``_take_route``. Numba rather than array code: the work is a few
+hundred small, data-dependent steps per row (a heap, early exits), which array libraries can
+only express as many whole-array passes. Compiled on first use and cached (``cache=True``, in
+``__pycache__``). The kernels allocate nothing: callers pass every array (``scratch``,
+``batch_scratch``), so memory accounting (``tracemalloc``) sees every byte.
 """
 
 from __future__ import annotations
@@ -138,8 +142,7 @@ def fill_routes(target_sig, item_sig, length, start, count, positions, lo, hi, k
     history's distinct items: similarity = m - hamming, m = 64 W; start, count, positions:
     ``index_history``; lo, hi (C, R) the items matching each candidate at each route (one run,
     coarsest route first; lo = hi: no semantic view). Writes out (C, R, k) zeroed and taken
-    (C, R); ``scratch``: ``Scratch`` (the kernels allocate nothing, so the caller's memory
-    accounting sees every byte).
+    (C, R); ``scratch``: the arrays of ``scratch()``.
     Route r takes its best ``quota`` matching behaviours, then its best behaviours not among
     them, k in all; ``disjoint``: the finest route first, each one among what finer ones left.
     The fills of a route are among the best R k behaviours overall (k if not disjoint), its
