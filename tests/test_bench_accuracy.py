@@ -47,3 +47,22 @@ def test_a_finished_run_with_other_settings_is_refused_not_reused(tiny_store, tm
         run_accuracy(tiny_store.root, ["din"], 1, out, overrides=[*FAST, "model.dropout=0.1"], ablations=False)
     with pytest.raises(ConfigError, match=r"train.lr: 0.01 in the run, 0.02 now"):
         run_accuracy(tiny_store.root, ["din"], 1, out, overrides=[*FAST, "train.lr=0.02"], ablations=False, report_only=True)
+
+
+def test_search_on_valid_records_every_trial_and_trains_the_best(tiny_store, tmp_path):
+    out = tmp_path / "res"
+    results = run_accuracy(tiny_store.root, ["din"], 1, out, overrides=FAST, ablations=False, search=True)
+    searched = json.loads((out / "search.json").read_text())["din"]
+    trials = searched["trials"]
+    assert len(trials) == 4 and trials[0]["overrides"] == []  # the defaults, then one change at a time
+    best = max(trials, key=lambda t: t["valid_auc"])
+    assert searched["chosen"] == best["overrides"]
+    assert results["din"]["overrides"] == best["overrides"]
+    for trial in trials:  # every trial is its own seed-0 run, selected on valid only
+        assert 0.0 < trial["valid_auc"] < 1.0
+    md = (out / "results.md").read_text()
+    assert "## Search on valid" in md and f"{best['valid_auc']:.4f}" in md
+    assert json.loads((out / "results.json").read_text())["search"]["din"]["chosen"] == best["overrides"]
+    # the chosen trial is the seed-0 run of the table: copied, not trained again (same timings too)
+    chosen_run = out / "runs" / f"search_din_{trials.index(best)}" / "seed0"
+    assert (out / "runs" / "din" / "seed0" / "metrics.json").read_text() == (chosen_run / "metrics.json").read_text()

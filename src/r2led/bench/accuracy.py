@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import date
@@ -109,10 +110,10 @@ def search_on_valid(data: Path, models: list[str], out: Path, files: list[Path],
             job = Job(f"search/{model}/{i}", model, [*spaces.get("common", []), *trial], "search")
             metrics = _train(data, job, 0, job.run_dir(out, 0), files, overrides)
             scores.append({"overrides": trial, "valid_auc": metrics["valid"]["auc"]})
-        best = max(scores, key=lambda s: s["valid_auc"])
-        chosen[model] = [*spaces.get("common", []), *best["overrides"]]
-        record[model] = {"trials": scores, "chosen": chosen[model]}
-        console.print(f"search {model}: chose {best['overrides'] or 'defaults'} (valid AUC {best['valid_auc']:.4f})")
+        best = max(range(len(scores)), key=lambda i: scores[i]["valid_auc"])
+        chosen[model] = [*spaces.get("common", []), *scores[best]["overrides"]]
+        record[model] = {"trials": scores, "chosen": chosen[model], "run": str(Job(f"search/{model}/{best}", model, [], "search").run_dir(out, 0))}
+        console.print(f"search {model}: chose {scores[best]['overrides'] or 'defaults'} (valid AUC {scores[best]['valid_auc']:.4f})")
     (out / "search.json").write_text(json.dumps(record, indent=2))
     return chosen
 
@@ -156,6 +157,11 @@ def run_accuracy(
     # fairness-control and ablation variants may run fewer seeds (their tables say how many)
     variant_list = seed_list[: variant_seeds] if variant_seeds else seed_list
     jobs = [Job(m, m, tuned[m], "main", list(seed_list)) for m in models]
+    if search:  # the chosen trial is the model's seed-0 run: reused, not trained again
+        for model, record in json.loads((out / "search.json").read_text()).items():
+            seed0 = Job(model, model, [], "main").run_dir(out, 0)
+            if model in tuned and 0 in seed_list and not seed0.exists():
+                shutil.copytree(record["run"], seed0)
     if fairness:
         jobs += [Job(f"{m} +sid", m, [*tuned[m], "model.sid_features=true"], "fairness", list(variant_list)) for m in models if m != "r2led"]
     if ablations and "r2led" in models:
@@ -188,8 +194,9 @@ def run_accuracy(
         "seconds": round(time.perf_counter() - t0, 1),
         "search": search,
     }
-    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    (out / "results.md").write_text(render_markdown(meta, results))
+    searched = json.loads((out / "search.json").read_text()) if search else None
+    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results, "search": searched}, indent=2))
+    (out / "results.md").write_text(render_markdown(meta, results, searched))
     plot_auc(results, out / "auc.png")
     print_table(
         f"{store.name} test split, {seeds} seed(s): mean ± std",
@@ -229,7 +236,7 @@ def _pmax(v: dict) -> str:
     return "—" if not p else f"{max(p):.2g}"
 
 
-def render_markdown(meta: dict, results: dict) -> str:
+def render_markdown(meta: dict, results: dict, searched: dict | None = None) -> str:
     lines = [
         f"# Accuracy on {meta['dataset']} ({meta['test_rows']:,} test rows)",
         "",
@@ -238,6 +245,19 @@ def render_markdown(meta: dict, results: dict) -> str:
         f"Date {meta['date']}; machine {meta['machine']}; benchmark wall time {meta['seconds']:.0f} s.",
         "",
     ]
+    if searched:
+        width = max(len(r["trials"]) for r in searched.values())
+        lines += [
+            "## Search on valid (seed 0; valid AUC of each trial; the best one is used for every seed)",
+            "",
+            "| model | " + " | ".join(["defaults", *[f"trial {i}" for i in range(1, width)]]) + " | chosen |",
+            "|---|" + "---|" * (width + 1),
+        ]
+        for model, record in searched.items():
+            cells = [f"{' '.join(t['overrides']) or 'defaults'}: {t['valid_auc']:.4f}" for t in record["trials"]]
+            cells += [""] * (width - len(cells))
+            lines.append(f"| {model} | " + " | ".join(cells) + f" | {' '.join(record['chosen']) or 'defaults'} |")
+        lines.append("")
     for group, title in (("main", "Models"), ("fairness", "Fairness control: baselines with SID prefix features"), ("ablation", "R2LED ablations")):
         rows = {k: v for k, v in results.items() if v["group"] == group}
         if not rows:
