@@ -66,3 +66,10 @@ def test_search_on_valid_records_every_trial_and_trains_the_best(tiny_store, tmp
     # the chosen trial is the seed-0 run of the table: copied, not trained again (same timings too)
     chosen_run = out / "runs" / f"search_din_{trials.index(best)}" / "seed0"
     assert (out / "runs" / "din" / "seed0" / "metrics.json").read_text() == (chosen_run / "metrics.json").read_text()
+
+
+def test_report_only_search_trains_nothing_and_leaves_out_unsearched_models(tiny_store, tmp_path):
+    out = tmp_path / "res"
+    results = run_accuracy(tiny_store.root, ["din", "eta"], 1, out, overrides=FAST, ablations=False, search=True, report_only=True)
+    assert results == {} and not (out / "runs").exists()
+    assert json.loads((out / "search.json").read_text()) == {}

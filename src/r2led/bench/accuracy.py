@@ -94,11 +94,15 @@ def _check_same_settings(run: Path, cfg) -> None:
         raise ConfigError(f"{run} was trained with other settings; delete it or use another --out:\n  " + "\n  ".join(diff))
 
 
-def search_on_valid(data: Path, models: list[str], out: Path, files: list[Path], overrides: list[str]) -> dict[str, list[str]]:
+def search_on_valid(
+    data: Path, models: list[str], out: Path, files: list[Path], overrides: list[str], report_only: bool = False
+) -> dict[str, list[str]]:
     """Each model's small search on valid (the same number of trials for every model).
 
     Trials are listed in configs/search.yaml; each trains with seed 0 and the trial's
     overrides; the best valid AUC wins. The test split is never looked at here.
+    ``report_only``: train nothing; a model whose trials have not all finished gets no choice
+    (and is left out of the tables).
     """
     spaces = yaml.safe_load(SEARCH_SPACES.read_text())
     budget = spaces["budget"]
@@ -108,8 +112,13 @@ def search_on_valid(data: Path, models: list[str], out: Path, files: list[Path],
         scores = []
         for i, trial in enumerate(trials):
             job = Job(f"search/{model}/{i}", model, [*spaces.get("common", []), *trial], "search")
+            if report_only and not (job.run_dir(out, 0) / "metrics.json").is_file():
+                break
             metrics = _train(data, job, 0, job.run_dir(out, 0), files, overrides)
             scores.append({"overrides": trial, "valid_auc": metrics["valid"]["auc"]})
+        if len(scores) < len(trials):
+            console.print(f"search {model}: {len(scores)} of {len(trials)} trials finished; left out of the tables")
+            continue
         best = max(range(len(scores)), key=lambda i: scores[i]["valid_auc"])
         chosen[model] = [*spaces.get("common", []), *scores[best]["overrides"]]
         record[model] = {"trials": scores, "chosen": chosen[model], "run": str(Job(f"search/{model}/{best}", model, [], "search").run_dir(out, 0))}
@@ -152,7 +161,8 @@ def run_accuracy(
     store = LifelongStore(data)
     files, overrides = list(config_files or []), list(overrides or [])
     t0 = time.perf_counter()
-    tuned = search_on_valid(data, models, out, files, overrides) if search else {m: [] for m in models}
+    tuned = search_on_valid(data, models, out, files, overrides, report_only) if search else {m: [] for m in models}
+    models = [m for m in models if m in tuned]
     seed_list = list(range(seeds))
     # fairness-control and ablation variants may run fewer seeds (their tables say how many)
     variant_list = seed_list[: variant_seeds] if variant_seeds else seed_list
