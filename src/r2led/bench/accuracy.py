@@ -96,8 +96,10 @@ def _check_same_settings(run: Path, cfg) -> None:
 
 def search_on_valid(
     data: Path, models: list[str], out: Path, files: list[Path], overrides: list[str], report_only: bool = False
-) -> dict[str, list[str]]:
-    """Each model's small search on valid (the same number of trials for every model).
+) -> dict[str, dict]:
+    """Each model's small search on valid (the same number of trials for every model): per
+    model its trials, the chosen overrides and the chosen trial's run folder (also written to
+    ``search.json``).
 
     Trials are listed in configs/search.yaml; each trains with seed 0 and the trial's
     overrides; the best valid AUC wins. The test split is never looked at here.
@@ -106,7 +108,7 @@ def search_on_valid(
     """
     spaces = yaml.safe_load(SEARCH_SPACES.read_text())
     budget = spaces["budget"]
-    chosen, record = {}, {}
+    record = {}
     for model in models:
         trials = [[]] + [list(t) for t in spaces["models"].get(model, [])][: budget - 1]
         scores = []
@@ -120,11 +122,11 @@ def search_on_valid(
             console.print(f"search {model}: {len(scores)} of {len(trials)} trials finished; left out of the tables")
             continue
         best = max(range(len(scores)), key=lambda i: scores[i]["valid_auc"])
-        chosen[model] = [*spaces.get("common", []), *scores[best]["overrides"]]
-        record[model] = {"trials": scores, "chosen": chosen[model], "run": str(Job(f"search/{model}/{best}", model, [], "search").run_dir(out, 0))}
+        chosen = [*spaces.get("common", []), *scores[best]["overrides"]]
+        record[model] = {"trials": scores, "chosen": chosen, "run": str(Job(f"search/{model}/{best}", model, [], "search").run_dir(out, 0))}
         console.print(f"search {model}: chose {scores[best]['overrides'] or 'defaults'} (valid AUC {scores[best]['valid_auc']:.4f})")
     (out / "search.json").write_text(json.dumps(record, indent=2))
-    return chosen
+    return record
 
 
 def _summary(per_seed: list[dict]) -> dict:
@@ -161,17 +163,17 @@ def run_accuracy(
     store = LifelongStore(data)
     files, overrides = list(config_files or []), list(overrides or [])
     t0 = time.perf_counter()
-    tuned = search_on_valid(data, models, out, files, overrides, report_only) if search else {m: [] for m in models}
+    searched = search_on_valid(data, models, out, files, overrides, report_only) if search else None
+    tuned = {m: r["chosen"] for m, r in searched.items()} if search else {m: [] for m in models}
     models = [m for m in models if m in tuned]
     seed_list = list(range(seeds))
     # fairness-control and ablation variants may run fewer seeds (their tables say how many)
     variant_list = seed_list[: variant_seeds] if variant_seeds else seed_list
     jobs = [Job(m, m, tuned[m], "main", list(seed_list)) for m in models]
-    if search:  # the chosen trial is the model's seed-0 run: reused, not trained again
-        for model, record in json.loads((out / "search.json").read_text()).items():
-            seed0 = Job(model, model, [], "main").run_dir(out, 0)
-            if model in tuned and 0 in seed_list and not seed0.exists():
-                shutil.copytree(record["run"], seed0)
+    for model, record in (searched or {}).items():  # the chosen trial is the model's seed-0 run: reused, not trained again
+        seed0 = Job(model, model, [], "main").run_dir(out, 0)
+        if 0 in seed_list and not seed0.exists():
+            shutil.copytree(record["run"], seed0)
     if fairness:
         jobs += [Job(f"{m} +sid", m, [*tuned[m], "model.sid_features=true"], "fairness", list(variant_list)) for m in models if m != "r2led"]
     if ablations and "r2led" in models:
@@ -204,7 +206,6 @@ def run_accuracy(
         "seconds": round(time.perf_counter() - t0, 1),
         "search": search,
     }
-    searched = json.loads((out / "search.json").read_text()) if search else None
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results, "search": searched}, indent=2))
     (out / "results.md").write_text(render_markdown(meta, results, searched))
     plot_auc(results, out / "auc.png")
