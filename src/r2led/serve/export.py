@@ -412,16 +412,8 @@ class ScoringModel:
         machine without numba's on-disk cache) or filling the per-item caches. Returns its
         seconds, also kept in ``info["warm_up_s"]``."""
         start = time.perf_counter()
-        one = torch.ones(1, 1, dtype=torch.long).expand(2, 1)  # as ``score`` passes a history: shared by the rows
-        batch = Batch(
-            user=torch.full((2,), -1, dtype=torch.long),
-            user_feats=torch.zeros(1, self._table_features.shape[1], dtype=torch.long).expand(2, -1),
-            target=torch.ones(2, dtype=torch.long),
-            hist_items=one,
-            hist_signal=one,
-            hist_mask=torch.ones(1, 1, dtype=torch.bool).expand(2, 1),
-            label=torch.zeros(2),
-        )
+        one = np.ones(1, np.int64)
+        batch = _request(-1, np.zeros(self._table_features.shape[1], np.int64), torch.ones(2, dtype=torch.long), one, one, one.astype(bool))
         with torch.no_grad():
             self.model(batch)
         self.info["warm_up_s"] = round(time.perf_counter() - start, 3)
@@ -450,13 +442,21 @@ class ScoringModel:
             items, signals, mask = np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, bool)
         else:
             mask = np.ones(len(items), dtype=bool)
-        batch = Batch(
-            user=torch.full((n,), self._user_row.get(user_key, -1), dtype=torch.long),  # -1: outside the table
-            user_feats=torch.from_numpy(feats).unsqueeze(0).expand(n, -1),  # (C, F)
-            target=target,
-            hist_items=torch.from_numpy(items).unsqueeze(0).expand(n, -1),  # (C, T), stride 0 over C
-            hist_signal=torch.from_numpy(signals).unsqueeze(0).expand(n, -1),
-            hist_mask=torch.from_numpy(mask).unsqueeze(0).expand(n, -1),
-            label=torch.zeros(n),
-        )
+        batch = _request(self._user_row.get(user_key, -1), feats, target, items, signals, mask)  # -1: outside the table
         return torch.sigmoid(self.model(batch)).double().numpy()
+
+
+def _request(user_row: int, feats: np.ndarray, target: torch.Tensor, items: np.ndarray, signals: np.ndarray, mask: np.ndarray) -> Batch:
+    """One scoring request: ``len(target)`` candidate rows over ONE history (T,), which is
+    ``expand``-ed to (C, T) with no copy, so a model can see that every row is the same request
+    (R2LED then retrieves once per request)."""
+    n = len(target)
+    return Batch(
+        user=torch.full((n,), user_row, dtype=torch.long),
+        user_feats=torch.from_numpy(feats).unsqueeze(0).expand(n, -1),  # (C, F)
+        target=target,
+        hist_items=torch.from_numpy(items).unsqueeze(0).expand(n, -1),  # (C, T), stride 0 over C
+        hist_signal=torch.from_numpy(signals).unsqueeze(0).expand(n, -1),
+        hist_mask=torch.from_numpy(mask).unsqueeze(0).expand(n, -1),
+        label=torch.zeros(n),
+    )
