@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import nn
@@ -131,7 +130,9 @@ class R2LED(CtrModel):
             rank, span = prefix_ranks(self.route_tokens)  # (N+1,), (N+1, R, 2): SID buckets as rank ranges
             self.register_buffer("route_rank", rank, persistent=False)
             self.register_buffer("route_span", span, persistent=False)
-            self.register_buffer("route_order", torch.argsort(rank, stable=True), persistent=False)  # item ids by rank
+        # item ids in the order the serving index lists them: by SID-prefix rank, else by id
+        order = torch.argsort(self.route_rank, stable=True) if self.use_sid else torch.arange(spec.n_items + 1)
+        self.register_buffer("route_order", order, persistent=False)
         self.gate = SidGate(d, levels, enabled=cfg.gate) if self.use_sid and cfg.sid_refine else None
         encoder = (lambda: TargetAttention(d, cfg.heads)) if cfg.attention == "mha" else (lambda: DinAttention(d))
         self.route_attention = encoder()
@@ -205,8 +206,7 @@ class R2LED(CtrModel):
         """
         t = hist.shape[-1]
         k, quota = self.k, route_quota(self.k, self.cfg.rho) if self.use_sid else 0
-        order = self.route_order.cpu().numpy() if self.use_sid else np.arange(self.spec.n_items + 1)
-        index = index_history(hist, mask, self.route_rank if self.use_sid else None, order)  # U distinct items
+        index = index_history(hist, mask, self.route_rank if self.use_sid else None, self.route_order.cpu().numpy())  # U distinct items
         sigs = self.item_signatures()  # (N+1, words), per item
         items = torch.from_numpy(index.items).to(target.device)
         span = self.route_span.index_select(0, target) if self.use_sid else None  # (C, R, 2): the SID buckets, as rank ranges
