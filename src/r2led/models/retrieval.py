@@ -208,8 +208,8 @@ def route_positions(
         lo = hi = np.zeros((c, routes), dtype=np.int64)
     words = [np.ascontiguousarray(s.cpu().numpy()).view(np.uint64) for s in (target_sig, item_sig)]
     out, n = np.zeros((c, routes, k), np.int64), np.empty((c, routes), np.int64)
-    work = route_kernels.scratch(length, len(index.items), k, quota, routes, words[0].shape[1])
-    route_kernels.fill_routes(*words, length, index.start, index.count, index.positions, lo, hi, k, quota, disjoint, out, n, work)
+    work = route_kernels.request_scratch(length, len(index.items), k, quota, routes, words[0].shape[1])
+    route_kernels.request_routes(*words, length, index.start, index.count, index.positions, lo, hi, k, quota, disjoint, out, n, work)
     taken = np.arange(k) < n[..., None]
     return torch.from_numpy(out).to(device), torch.from_numpy(taken).to(device)
 

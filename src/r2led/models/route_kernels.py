@@ -1,7 +1,7 @@
 """Multi-route Mixed Retrieval, compiled (numba): the same slots as ``retrieval.mixed_topk`` /
 ``retrieval.disjoint_mixed_topk``, without whole-array passes.
 
-Serving (``fill_routes``): a request scores C candidates against ONE history of T behaviours.
+Serving (``request_routes``): a request scores C candidates against ONE history of T behaviours.
 A behaviour's key depends on it through its item (SimHash similarity to the candidate,
 SID-prefix match) and its position (recency), so the history is indexed once by distinct item
 (``count_items``, ``index_items``: U items, each with its positions, most recent first), and
@@ -16,7 +16,7 @@ sort of those few.
 Both fill the routes with ``_take_route``. Numba rather than array code: the work is a few
 hundred small, data-dependent steps per row (a heap, early exits), which array libraries can
 only express as many whole-array passes. Compiled on first use and cached (``cache=True``, in
-``__pycache__``). The kernels allocate nothing: callers pass every array (``scratch``,
+``__pycache__``). The kernels allocate nothing: callers pass every array (``request_scratch``,
 ``batch_scratch``), so memory accounting (``tracemalloc``) sees every byte.
 """
 
@@ -134,7 +134,7 @@ def _best_behaviours(sim, lo, hi, need, length, start, count, positions, per_lev
 
 
 @njit(cache=True)
-def fill_routes(target_sig, item_sig, length, start, count, positions, lo, hi, k, quota, disjoint, out, taken, scratch):
+def request_routes(target_sig, item_sig, length, start, count, positions, lo, hi, k, quota, disjoint, out, taken, scratch):
     """Every candidate's routes: positions (C, R, k) into the history (0 where not taken) and
     the number taken (C, R), slots taken first.
 
@@ -142,7 +142,7 @@ def fill_routes(target_sig, item_sig, length, start, count, positions, lo, hi, k
     history's distinct items: similarity = m - hamming, m = 64 W; start, count, positions:
     ``index_history``; lo, hi (C, R) the items matching each candidate at each route (one run,
     coarsest route first; lo = hi: no semantic view). Writes out (C, R, k) zeroed and taken
-    (C, R); ``scratch``: the arrays of ``scratch()``.
+    (C, R); ``scratch``: the arrays of ``request_scratch``.
     Route r takes its best ``quota`` matching behaviours, then its best behaviours not among
     them, k in all; ``disjoint``: the finest route first, each one among what finer ones left.
     The fills of a route are among the best R k behaviours overall (k if not disjoint), its
@@ -203,8 +203,8 @@ def _take_route(owner, route_id, matched, n_m, best, n_g, k, quota, disjoint, us
     return n
 
 
-def scratch(length: int, distinct: int, k: int, quota: int, routes: int, words: int) -> tuple[np.ndarray, ...]:
-    """``fill_routes``'s working arrays: heap (3 x U), similarity row (U), best (R k), matched
+def request_scratch(length: int, distinct: int, k: int, quota: int, routes: int, words: int) -> tuple[np.ndarray, ...]:
+    """``request_routes``'s working arrays: heap (3 x U), similarity row (U), best (R k), matched
     (quota + (R-1) k), per level (64 W + 1), and two stamps per position (T, int32)."""
     ints = [distinct, distinct, distinct, distinct, routes * k, quota + (routes - 1) * k, 64 * words + 1]
     return (*(np.empty(n, np.int64) for n in ints), np.empty(length, np.int32), np.empty(length, np.int32))
