@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from r2led.cli import app
 from r2led.config import load_config
 from r2led.errors import CheckpointError, ConfigError
-from r2led.train.checkpoint import load_checkpoint
+from r2led.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from r2led.train.metrics import ctr_metrics, gauc
 from r2led.train.trainer import Trainer
 
@@ -90,6 +90,34 @@ def test_corrupt_checkpoint_is_named(tmp_path):
     torch.save({"weights": 1}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="no model state"):
         load_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_checkpoints_are_plain_data_both_ways(tmp_path):
+    """save_checkpoint refuses what a weights-only load would refuse; load_checkpoint refuses
+    (without running it) a pickled object, naming the file."""
+    with pytest.raises(TypeError, match=r"state\['valid'\]\['auc'\] is a float64"):
+        save_checkpoint({"model": {}, "valid": {"auc": np.float64(0.5)}}, tmp_path / "best.pt")
+    assert not list(tmp_path.iterdir())  # nothing written
+    torch.save({"model": {}, "when": __import__("datetime").date(2026, 1, 1)}, tmp_path / "object.pt")
+    with pytest.raises(CheckpointError, match=r"refusing .*object.pt: it holds objects other than tensors.*GLOBAL datetime.date"):
+        load_checkpoint(tmp_path / "object.pt")
+    state = {"model": {"w": torch.ones(2)}, "rng": rng_state(), "history": [{"auc": 0.5}], "pair": (1, "a", None)}
+    save_checkpoint(state, tmp_path / "plain.pt")
+    loaded = load_checkpoint(tmp_path / "plain.pt")
+    assert torch.equal(loaded["model"]["w"], torch.ones(2)) and loaded["pair"] == (1, "a", None)
+
+
+def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
+    import random
+
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.standard_normal()  # a cached gaussian in numpy's state
+    save_checkpoint({"model": {}, "rng": rng_state()}, tmp_path / "last.pt")
+    expected = (torch.rand(3), np.random.standard_normal(3), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    set_rng_state(load_checkpoint(tmp_path / "last.pt")["rng"])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.standard_normal(3), expected[1]) and random.random() == expected[2]
 
 
 @pytest.mark.parametrize(

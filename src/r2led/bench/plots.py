@@ -1,14 +1,15 @@
 """Plots for benchmark reports: written with matplotlib's Agg canvas, never a window.
 
 Generic on purpose (series of (x, y) points per name), so that every benchmark draws its
-figures the same way. Files are written to a temporary name and renamed when complete.
+figures the same way. Files are published through ``r2led.atomic``: never half-written.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from r2led.atomic import staged_file
 
 
 def line_plot(
@@ -64,10 +65,13 @@ def line_plot(
     if notes:
         # A figure-level x label takes part in the constrained layout: the notes never overlap.
         fig.supxlabel("\n".join(notes), x=0.01, ha="left", fontsize="x-small")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=130)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_figure(fig, path, dpi=130)
+    return path
+
+
+def save_figure(fig, path: str | Path, dpi: int = 130) -> Path:
+    """Write a matplotlib figure atomically (``r2led.atomic.staged_file``); format from the suffix."""
+    path = Path(path)
+    with staged_file(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=dpi)
     return path

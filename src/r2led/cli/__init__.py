@@ -5,9 +5,16 @@ from __future__ import annotations
 import typer
 
 from r2led.cli import data_cmd, sid_cmd
-from r2led.cli.common import run_guarded
+from r2led.cli.common import GuardedGroup, run_guarded
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help="Lifelong CTR prediction with semantic IDs (R2LED).")
+# GuardedGroup: a bad value in any command ends it with one line on stderr and exit code 2.
+app = typer.Typer(
+    cls=GuardedGroup,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Lifelong CTR prediction with semantic IDs (R2LED).",
+)
 app.add_typer(data_cmd.app, name="data", help="Prepare and inspect datasets.")
 app.add_typer(sid_cmd.app, name="sid", help="Build and inspect semantic-ID tables.")
 

@@ -19,6 +19,7 @@ def print_quality(settings: dict, quality: dict, title: str = "SID table") -> No
         ["items", quality["n_items"]],
         ["distinct SIDs", quality["n_sids"]],
         ["unique SID rate", quality["unique_sid_rate"]],
+        ["collision rate", quality.get("collision_rate", "-")],
         ["max items per SID", quality["max_items_per_sid"]],
         ["mean items per SID", quality["mean_items_per_sid"]],
     ]
@@ -26,6 +27,7 @@ def print_quality(settings: dict, quality: dict, title: str = "SID table") -> No
         sem = quality["semantic"]
         rows += [
             ["before --unique: unique SID rate", sem["unique_sid_rate"]],
+            ["before --unique: collision rate", sem.get("collision_rate", "-")],
             ["before --unique: max items per SID", sem["max_items_per_sid"]],
         ]
     rows += [
@@ -45,40 +47,56 @@ def print_quality(settings: dict, quality: dict, title: str = "SID table") -> No
     )
     print_table(
         "per level",
-        ["level", "codes", "used", "dead", "entropy", "log2 K", "prefixes", "var left"],
+        ["lvl", "K", "used", "util", "bits", "log2K", "perplex", "prefixes", "var left", "nbr agree", "chance"],
         [
             [
                 i + 1,
                 lv["codebook_size"],
                 lv["used_codes"],
-                lv["dead_codes"],
-                lv["entropy"],
-                lv.get("entropy_max", "-"),
+                _fmt(lv.get("utilisation"), 2),
+                _fmt(lv["entropy"], 2),
+                _fmt(lv.get("entropy_max"), 1),
+                _fmt(lv.get("perplexity"), 1),
                 lv["prefix_vocab"],
-                lv.get("residual_variance", "-"),
+                _fmt(lv.get("residual_variance"), 3),
+                *(_fmt(v, 3) for v in _agreement(quality, i)),
             ]
             for i, lv in enumerate(quality["levels"])
         ],
     )
 
 
+def _fmt(value, digits: int) -> str:
+    """A number with ``digits`` decimals, or a dash when absent."""
+    return "-" if not isinstance(value, (int, float)) else f"{value:.{digits}f}"
+
+
+def _agreement(quality: dict, level: int) -> list[object]:
+    """(agreement, chance) of the level's prefixes with the embedding neighbours, or dashes."""
+    levels = (quality.get("neighbours") or {}).get("levels") or []
+    return [levels[level]["agreement"], levels[level]["chance"]] if level < len(levels) else ["-", "-"]
+
+
 @app.command()
 def build(
     data: Path = typer.Argument(..., help="prepared data folder"),
     encoder: str = typer.Option("minilm", help="minilm | tfidf | collaborative"),
-    quantizer: str = typer.Option("rq-kmeans", help="rq-kmeans | rq-vae"),
+    quantizer: str = typer.Option("rq-kmeans", help="rq-kmeans | rq-kmeans-balanced | rq-vae | rq-vae-sinkhorn"),
     levels: int = typer.Option(3, help="semantic levels L"),
     codebook: str = typer.Option("16", help="codes per level: one size (16) or one per level (16,16,32)"),
-    seed: int = typer.Option(0, help="random seed (k-means, RQ-VAE, SVD)"),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="random seed (k-means, RQ-VAE, SVD)"),
     unique: bool = typer.Option(False, "--unique", help="append a level that makes every SID distinct"),
     out: str = typer.Option("sid", help="folder name inside the data folder"),
     no_cache: bool = typer.Option(False, "--no-cache", help="re-encode even when cached embeddings match"),
+    force: bool = typer.Option(
+        False, "--force", help="replace an existing DATA/OUT (runs trained on the old table will be refused)"
+    ),
 ) -> None:
     """Encode the items, quantize residually and write DATA/OUT (codes, prefix tokens, quality)."""
     from r2led.sid.build import build_sid_table
 
     # RQ-VAE shows its own training bar; rich allows one live display at a time.
-    training_bar = quantizer == "rq-vae"
+    training_bar = quantizer.startswith("rq-vae")
     status = f"building SIDs for {data} ({encoder} x {quantizer})"
     with nullcontext() if training_bar else console.status(status):
         table = build_sid_table(
@@ -92,6 +110,7 @@ def build(
             out=out,
             progress=training_bar,
             cache=not no_cache,
+            force=force,
         )
     print_quality(table.settings, table.quality)
     console.print(f"wrote {data / out} in {table.quality['build_seconds']:.1f} s")
@@ -103,7 +122,12 @@ def info(
     name: str = typer.Option("sid", help="SID table folder inside the data folder"),
 ) -> None:
     """Print a saved SID table's settings and quality report."""
+    from r2led.data.store import LifelongStore
     from r2led.sid.table import SidTable
 
-    table = SidTable.load(data / name)
+    n_items = LifelongStore(data).n_items if (data / "manifest.json").is_file() else None
+    table = SidTable.load(data / name, n_items=n_items)
+    if not {"n_items", "n_sids", "unique_sid_rate", "levels"} <= table.quality.keys():
+        console.print(f"[bold]{data / name}[/]: {table.levels} levels, {table.n_items:,} items, settings {table.settings}; no quality report")
+        return
     print_quality(table.settings, table.quality, title=str(data / name))

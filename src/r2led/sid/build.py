@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,7 +93,7 @@ def sid_table_from_embeddings(
         codes = append_unique_level(codes)  # (N, L+1)
         all_sizes.append(int(codes[:, -1].max()) + 1)
 
-    quality = sid_quality(codes, all_sizes)
+    quality = sid_quality(codes, all_sizes, vectors)
     for level, left in zip(quality["levels"], result.residual_variance):
         level["residual_variance"] = left
     if unique:
@@ -124,6 +125,7 @@ def build_sid_table(
     out: str = "sid",
     progress: bool = False,
     cache: bool = True,
+    force: bool = False,
 ) -> SidTable:
     """Build the SID table of a store and save it to ``DATA/<out>/``.
 
@@ -131,6 +133,11 @@ def build_sid_table(
     level, ``[16, 16, 32]`` or ``"16,16,32"``; default 16 each). ``unique`` appends a level
     that numbers items sharing a SID. MiniLM embeddings are cached in ``DATA/embeddings/``
     unless ``cache`` is False. Returns the saved table (codes (N+1, L[+1]), padding row 0).
+
+    An existing ``DATA/<out>`` is refused (ConfigError, before any encoding) unless ``force``:
+    runs record the fingerprint of the table they were trained on and refuse a rebuilt one.
+    With ``force`` the old table stays in place until the new one is complete. Anything else
+    at ``DATA/<out>`` (a store file, the embedding cache) is refused even with ``force``.
     """
     from r2led.data.store import LifelongStore
 
@@ -147,6 +154,14 @@ def build_sid_table(
         )
     if not out or Path(out).name != out or out.startswith("."):
         raise ConfigError(f"out {out!r} must be a plain folder name inside {store.root}")
+    target = store.root / out
+    if os.path.lexists(target) and not (target / "meta.json").is_file():
+        raise ConfigError(f"{target} exists and is not a SID table; choose another --out (or remove it)")
+    if target.exists() and not force:
+        raise ConfigError(
+            f"SID table {target} already exists; pass --force to rebuild it (runs trained on it would be "
+            f"invalidated: evaluate, --resume, export and serve refuse them) or --out NAME for another table"
+        )
 
     emb = encode_items(store, encoder, seed=seed, cache=cache)  # (N, D)
     table = sid_table_from_embeddings(
@@ -155,5 +170,5 @@ def build_sid_table(
     table.quality["encode_seconds"] = round(emb.seconds, 3)
     table.quality["embedding_cache_hit"] = emb.cache_hit
     table.quality["build_seconds"] = round(time.perf_counter() - t0, 3)
-    table.save(store.root / out)
+    table.save(target)
     return table

@@ -6,7 +6,7 @@
 - ``tfidf``: TF-IDF of the item text reduced by truncated SVD (latent semantic analysis);
   deterministic, no model needed.
 - ``collaborative``: truncated SVD of the item x user interaction matrix, for datasets
-  without text.
+  without text, built from train rows only (``train_rows``: no valid or test interaction).
 
 Every encoder returns rows in item-id order (row i is item i + 1) and never NaN: an item with
 empty text or no interactions gets a valid (possibly zero) vector.
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from r2led.atomic import staged_file, write_json_atomic
 from r2led.errors import ConfigError, DataError, MissingPackageError
 
 ENCODERS = ("minilm", "tfidf", "collaborative")
@@ -197,15 +198,13 @@ def cached_minilm_embeddings(texts: list[str], cache_dir: Path | None) -> tuple[
                 return vectors.astype(np.float32, copy=False), True
     vectors = minilm_embeddings(texts)
     if cache_dir is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / f".minilm.npy.tmp-{os.getpid()}"
-        with open(tmp, "wb") as fh:
-            np.save(fh, vectors)
-        os.replace(tmp, cache_dir / "minilm.npy")
+        # the json (with the texts' hash) is dropped first and written last: a pair that was
+        # interrupted part-way is a cache miss, never vectors matched to the wrong texts
+        (cache_dir / "minilm.json").unlink(missing_ok=True)
+        with staged_file(cache_dir / "minilm.npy") as tmp:
+            np.save(tmp, vectors)
         info = {"model": MINILM_NAME, "texts_sha256": digest, "items": len(texts), "dim": int(vectors.shape[1])}
-        tmp = cache_dir / f".minilm.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(info, indent=2))
-        os.replace(tmp, cache_dir / "minilm.json")
+        write_json_atomic(cache_dir / "minilm.json", info)
     return vectors, False
 
 
@@ -244,12 +243,18 @@ def svd_reduce(matrix, dim: int, seed: int) -> np.ndarray:
 
 # ---- collaborative ---------------------------------------------------------------------------
 def collaborative_embeddings(
-    offsets: np.ndarray, seq_items: np.ndarray, n_items: int, dim: int = 64, seed: int = 0
+    offsets: np.ndarray,
+    seq_items: np.ndarray,
+    n_items: int,
+    dim: int = 64,
+    seed: int = 0,
+    rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """Truncated SVD of the item x user matrix built from CSR sequences; (N, <= dim) float32.
 
     offsets: (U+1,) user u's rows are seq_items[offsets[u]:offsets[u+1]]; seq_items: (I,)
-    item ids 1..N. Entries are binary, scaled by 1/sqrt(user's distinct items) so that heavy
+    item ids 1..N; rows: (I,) bool, the rows to use (default all; ``encode_items`` passes
+    ``train_rows``). Entries are binary, scaled by 1/sqrt(user's distinct items) so that heavy
     users do not dominate the factors. Items nobody touched get a zero row.
     """
     import scipy.sparse as sp
@@ -257,6 +262,8 @@ def collaborative_embeddings(
     offsets = np.asarray(offsets, dtype=np.int64)
     items = np.asarray(seq_items, dtype=np.int64)
     users = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))  # (I,)
+    if rows is not None:
+        items, users = items[rows], users[rows]
     matrix = sp.csr_matrix(
         (np.ones(len(items), dtype=np.float32), (items - 1, users)), shape=(n_items, len(offsets) - 1)
     )  # (N, U); duplicates summed
@@ -266,6 +273,28 @@ def collaborative_embeddings(
     if matrix.nnz == 0:
         raise DataError("collaborative encoder: the store holds no interactions")
     return svd_reduce(matrix, dim, seed)
+
+
+def train_rows(store) -> np.ndarray:
+    """(I,) bool: the store's rows that come before its first valid or test sample.
+
+    The rows a model may learn from: every train sample and the earlier history rows, in the
+    global order. Valid and test rows, and every row after the first of them, are left out, so
+    item vectors built from them cannot leak the evaluation labels. All rows when the store
+    has no valid or test sample.
+    """
+    from r2led.data.protocol import SPLITS
+
+    path = Path(store.root) / "seq_rank.npy"
+    try:
+        rank = np.load(path, mmap_mode="r")  # (I,) position of each row in the global order
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} is missing or corrupt: {exc}") from None
+    samples = store.sample_arrays
+    later = samples["rank"][samples["split"] != SPLITS.index("train")]
+    if later.size == 0:
+        return np.ones(len(rank), dtype=bool)
+    return np.asarray(rank) < int(later.min())
 
 
 # ---- entry point -----------------------------------------------------------------------------
@@ -280,7 +309,8 @@ def encode_items(store, encoder: str = "minilm", seed: int = 0, cache: bool = Tr
     t0 = time.perf_counter()
     hit = False
     if encoder == "collaborative":
-        vectors = collaborative_embeddings(store.offsets, store.seq_items, store.n_items, seed=seed)
+        # train rows only: valid and test interactions would leak their labels into the SIDs
+        vectors = collaborative_embeddings(store.offsets, store.seq_items, store.n_items, seed=seed, rows=train_rows(store))
     else:
         texts = [t or "" for t in store.items.sort("item")["text"].to_list()]
         if encoder == "minilm":

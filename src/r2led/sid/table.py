@@ -16,14 +16,12 @@ not raw codes.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from r2led.atomic import publish_folder
+from r2led.atomic import staged_folder
 from r2led.errors import DataError
 
 
@@ -74,36 +72,52 @@ class SidTable:
         return int(self.codes.shape[0] - 1)
 
     def save(self, path: str | Path) -> Path:
-        """Write atomically (temporary folder, then rename)."""
+        """Write the four files to ``path`` atomically (``r2led.atomic.staged_folder``).
+
+        A failure part-way (ENOSPC, an interrupt) leaves a previous table at ``path`` as it was.
+        """
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        with staged_folder(path) as tmp:
             np.save(tmp / "codes.npy", self.codes)
             np.save(tmp / "prefix_tokens.npy", self.prefix_tokens)
             (tmp / "quality.json").write_text(json.dumps(self.quality, indent=2))
             (tmp / "meta.json").write_text(json.dumps({"settings": self.settings, "vocab_sizes": self.vocab_sizes}, indent=2))
-            publish_folder(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "SidTable":
+    def load(cls, path: str | Path, n_items: int | None = None) -> "SidTable":
+        """Read a saved table; a missing, unreadable or inconsistent file -> one-line DataError.
+
+        ``n_items``: the store's catalogue size, which the table must cover exactly.
+        """
         path = Path(path)
         meta_path = path / "meta.json"
         if not meta_path.is_file():
             raise DataError(f"no SID table at {path}; build one with `r2led sid build {path.parent}`")
+        quality_path = path / "quality.json"
         try:
             meta = json.loads(meta_path.read_text())
+            quality = json.loads(quality_path.read_text()) if quality_path.is_file() else {}
             codes = np.load(path / "codes.npy")
             tokens = np.load(path / "prefix_tokens.npy")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # JSON, UTF-8, truncated or pickled arrays
             raise DataError(f"SID table at {path} is corrupt: {exc}") from exc
-        quality_path = path / "quality.json"
-        quality = json.loads(quality_path.read_text()) if quality_path.is_file() else {}
-        if codes.shape != tokens.shape:
-            raise DataError(f"SID table at {path} is corrupt: codes {codes.shape} vs prefix tokens {tokens.shape}")
+        problem = None
+        if not isinstance(meta, dict) or not isinstance(quality, dict):
+            problem = "meta.json and quality.json must hold JSON objects"
+        elif codes.ndim != 2 or codes.shape != tokens.shape or codes.dtype.kind != "i" or tokens.dtype.kind != "i":
+            problem = f"codes {codes.shape} {codes.dtype} vs prefix tokens {tokens.shape} {tokens.dtype}"
+        elif not isinstance(meta.get("vocab_sizes"), list) or len(meta["vocab_sizes"]) != codes.shape[1]:
+            problem = f"meta.json needs vocab_sizes for each of the {codes.shape[1]} levels"
+        elif not all(isinstance(v, int) for v in meta["vocab_sizes"]) or bool(
+            (tokens.min(axis=0, initial=0) < 0).any() or (tokens.max(axis=0, initial=0) >= np.asarray(meta["vocab_sizes"])).any()
+        ):
+            problem = "prefix tokens outside the vocabulary sizes in meta.json"
+        if problem is not None:
+            raise DataError(f"SID table at {path} is corrupt: {problem}")
+        if n_items is not None and codes.shape[0] != n_items + 1:
+            raise DataError(
+                f"SID table at {path} covers {codes.shape[0] - 1} items but the store has {n_items}; "
+                f"rebuild it with `r2led sid build {path.parent} --force`"
+            )
         return cls(codes, tokens, list(meta["vocab_sizes"]), meta.get("settings", {}), quality)

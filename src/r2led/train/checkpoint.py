@@ -1,30 +1,110 @@
-"""Checkpoints: written atomically, read with errors that say what is wrong."""
+"""Checkpoints: tensors and plain containers only, written atomically, read without running code.
+
+A checkpoint is a dict of tensors, numbers, strings, ``None`` and lists/tuples/dicts of them
+(the model's and the optimiser's state dicts, positions, metrics, the configuration). The
+random-number states are stored in that form too (:func:`rng_state`). Files are read with
+``torch.load(..., weights_only=True)``, which refuses any other object: a crafted pickle
+cannot run code under ``r2led evaluate`` or ``r2led train --resume``.
+"""
 
 from __future__ import annotations
 
-import os
+import io
+import pickle
+import random
+from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from r2led.atomic import write_bytes_atomic
 from r2led.errors import CheckpointError
+
+# Exact types: numpy scalars subclass float/int but would be refused on loading.
+_SCALARS = (bool, int, float, str, type(None))
+_MAPPINGS = (dict, OrderedDict)  # state_dict() returns an OrderedDict
+_SEQUENCES = (list, tuple)
+
+
+def _check_plain(obj: object, where: str = "state") -> None:
+    """Raise TypeError at the first value that ``weights_only`` loading would refuse."""
+    if type(obj) in _SCALARS or isinstance(obj, torch.Tensor):
+        return
+    if type(obj) in _MAPPINGS:
+        for key, value in obj.items():
+            _check_plain(key, f"{where} key")
+            _check_plain(value, f"{where}[{key!r}]")
+        return
+    if type(obj) in _SEQUENCES:
+        for i, value in enumerate(obj):
+            _check_plain(value, f"{where}[{i}]")
+        return
+    raise TypeError(f"checkpoint value {where} is a {type(obj).__name__}: only tensors and plain containers are saved")
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write ``state`` (tensors and plain containers only) to ``path`` atomically."""
+    _check_plain(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def _reason(exc: BaseException) -> str:
+    """The informative line of a loading error (torch's weights-only errors span many lines)."""
+    text = str(exc)
+    for line in text.splitlines():
+        if "GLOBAL" in line:  # "Unsupported global: GLOBAL x.y was not ..." / "... unsupported GLOBAL posix.system ..."
+            return line.strip().split(" was not an allowed global")[0][:160]
+    first = " ".join(text.split())
+    return (first[:157] + "...") if len(first) > 160 else (first or type(exc).__name__)
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint safely (``weights_only=True``); one-line ``CheckpointError`` on failure."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refused an object: never run it
+        reason = _reason(exc)
+        if "GLOBAL" in reason:
+            raise CheckpointError(
+                f"refusing {path}: it holds objects other than tensors and plain data ({reason}); retrain if an older r2led wrote it"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a r2led checkpoint ({reason})") from None
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a r2led checkpoint: {exc}") from exc
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a r2led checkpoint ({_reason(exc)})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"checkpoint {path} has no model state (keys: {list(state)[:5] if isinstance(state, dict) else type(state).__name__})")
     return state
+
+
+# ---- random-number states as plain data ---------------------------------------------------
+def rng_state() -> dict:
+    """torch's, numpy's (legacy global) and python's RNG states as tensors and plain lists."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, words, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),  # (5056,) uint8
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),  # (624,) MT19937 words
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {"version": int(version), "words": [int(w) for w in words], "gauss_next": gauss_next},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore the states saved by :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    npy = state["numpy"]
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["words"]), py["gauss_next"]))

@@ -10,14 +10,22 @@ A run folder holds::
     metrics.json    {"valid": {auc, logloss, gauc}, "test": {...}, "seconds": ..., ...}
     test_pred.npy   the best model's test probabilities, in split order (for paired tests)
 
+Everything is checked before anything is written (see ``r2led.train.run_folder``): the data,
+the SID table, the model, and what training into ``out`` means (new, ``resume``, ``force``).
+``config.yaml`` (with the data's fingerprints) is written when training starts; every file
+but the log is written atomically; checkpoints hold only tensors and plain data. Training
+that diverges (a non-finite loss or parameters) stops at once with :class:`TrainingDiverged`;
+the checkpoints from before stay as they were.
+
 Started by ``torchrun --nproc_per_node N``, each process trains on every N-th batch under
 DistributedDataParallel (gloo on CPU); rank 0 evaluates, checkpoints and writes the run folder.
 """
 
 from __future__ import annotations
 
-import json
+import io
 import logging
+import math
 import os
 import random
 import time
@@ -27,19 +35,33 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from r2led.atomic import write_bytes_atomic, write_json_atomic
 from r2led.config import RunConfig
 from r2led.data.batches import BatchIterator
 from r2led.data.store import LifelongStore
+from r2led.errors import R2ledError
 from r2led.models.registry import build_model, model_class
 from r2led.models.spec import DataSpec
 from r2led.sid.table import SidTable
-from r2led.train.checkpoint import load_checkpoint, save_checkpoint
+from r2led.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from r2led.train.metrics import ctr_metrics
+from r2led.train.memory import check_memory
+from r2led.train.run_folder import (  # noqa: F401  (read_run_config: re-exported for callers)
+    check_run_folder,
+    clear_run_folder,
+    fingerprints,
+    read_run_config,
+    verify_run,
+    write_run_config,
+)
 
 log = logging.getLogger("r2led.train")
+
+
+class TrainingDiverged(R2ledError):
+    """The loss or the parameters became non-finite; the setting to change is in the message."""
 
 
 def seed_everything(seed: int) -> None:
@@ -52,7 +74,7 @@ def load_sid(store: LifelongStore, cfg: RunConfig) -> SidTable | None:
     """The run's SID table when its model uses one."""
     if not model_class(cfg.model.name).wants_sid(cfg.model):
         return None
-    return SidTable.load(store.root / cfg.sid)
+    return SidTable.load(store.root / cfg.sid, n_items=store.n_items)
 
 
 @dataclass
@@ -112,8 +134,13 @@ def evaluate_split(
     t0 = time.perf_counter()
     prob = predict(model, store, idx, cfg.train.eval_batch_size, cfg.train.t_max)
     seconds = time.perf_counter() - t0
+    bad = int(np.count_nonzero(~np.isfinite(prob)))
+    if bad:  # scikit-learn would fail later with a less helpful message
+        raise TrainingDiverged(f"the model's predictions on {split} are not finite ({bad:,} of {len(prob):,} samples)")
     if predictions is not None:
-        np.save(predictions, prob.astype(np.float32))
+        buffer = io.BytesIO()
+        np.save(buffer, prob.astype(np.float32))
+        write_bytes_atomic(predictions, buffer.getvalue())
     s = store.sample_arrays
     metrics = ctr_metrics(s["label"][idx], prob, s["user"][idx])
     metrics["samples"] = int(len(idx))
@@ -124,7 +151,17 @@ def evaluate_split(
 class Trainer:
     """Fits one model on one store; see the module docstring for what it writes."""
 
-    def __init__(self, data: str | Path, cfg: RunConfig, out: str | Path, resume: bool = False, show_progress: bool = True):
+    def __init__(
+        self, data: str | Path, cfg: RunConfig, out: str | Path, resume: bool = False, show_progress: bool = True,
+        force: bool = False, max_memory: str | int | None = None,
+    ):
+        """Check the data, the SID table and the run folder, and build the model; writes nothing.
+
+        ``resume``: continue ``out`` (same settings and data; ``train.epochs`` may grow).
+        ``force``: replace the run in ``out`` (cleared when training starts).
+        ``max_memory``: memory to allow (``"8GB"``) instead of what is available now; a run
+        estimated to need more is refused before anything is allocated (``train.memory``).
+        """
         self.cfg, self.out, self.resume = cfg, Path(out), resume
         self.show_progress = show_progress
         self.dist = Distributed.from_env()
@@ -132,7 +169,11 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         seed_everything(cfg.train.seed)
         self.store = LifelongStore(data)
+        self.fingerprints = fingerprints(self.store.root, cfg)
+        # every rank checks (read-only); building DDP below syncs the ranks before rank 0 writes
+        self.action = check_run_folder(self.out, self.store.root, cfg, self.fingerprints, resume=resume, force=force)
         self.sid = load_sid(self.store, cfg)
+        self.memory = check_memory(cfg, self.store.manifest, self.sid.vocab_sizes if self.sid else None, max_memory)
         self.spec = DataSpec.from_store(self.store)
         self.model = build_model(cfg.model, self.spec, self.sid)
         self.ddp = None
@@ -143,14 +184,18 @@ class Trainer:
         if cfg.train.max_train_samples:
             self.train_idx = self.train_idx[: cfg.train.max_train_samples]
         self._log_handler: logging.Handler | None = None
-        if self.dist.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(
-                yaml.safe_dump({"data": str(Path(data).resolve()), **cfg.model_dump()}, sort_keys=False)
-            )
-            self._log_handler = logging.FileHandler(self.out / "train.log")
-            self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-            log.setLevel(logging.INFO)
+
+    def _start_run_folder(self) -> None:
+        """Training starts: clear the folder (``force``), write ``config.yaml``, open the log."""
+        if not self.dist.main:
+            return
+        if self.action == "replace":
+            clear_run_folder(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_run_config(self.out, self.store.root, self.cfg, self.fingerprints)
+        self._log_handler = logging.FileHandler(self.out / "train.log")
+        self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.setLevel(logging.INFO)
 
     # ---- state --------------------------------------------------------------------------
     def _state(self, epoch: int, batch: int, best: float, bad: int, history: list, train_seconds: float, seen: int) -> dict:
@@ -164,7 +209,7 @@ class Trainer:
             "history": history,
             "train_seconds": train_seconds,
             "samples_seen": seen,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": rng_state(),
             "config": self.cfg.model_dump(),
         }
 
@@ -174,32 +219,31 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------
     def fit(self) -> dict:
         """Train, early-stop on valid AUC, evaluate the best checkpoint on test; returns metrics."""
+        last = self.out / "last.pt"
+        resume_from = load_checkpoint(last) if self.action == "resume" and last.is_file() else None  # read before writing
+        self._start_run_folder()
         handler = self._log_handler
         if handler is not None:  # this run's log file, for this fit only (several runs per process)
             log.addHandler(handler)
         try:
-            return self._fit()
+            return self._fit(resume_from)
         finally:
             if handler is not None:
                 log.removeHandler(handler)
                 handler.close()
 
-    def _fit(self) -> dict:
+    def _fit(self, state: dict | None) -> dict:
         tc = self.cfg.train
         t_start = time.perf_counter()
         epoch, start_batch, best, bad, history = 0, 0, -1.0, 0, []
         train_seconds, seen = 0.0, 0
-        last = self.out / "last.pt"
-        if self.resume and last.is_file():
-            state = load_checkpoint(last)
+        if state is not None:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             epoch, start_batch, best, bad = state["epoch"], state["batch"], state["best_auc"], state["bad_evals"]
             history, train_seconds, seen = state["history"], state["train_seconds"], state["samples_seen"]
-            torch.set_rng_state(state["rng"]["torch"])
-            np.random.set_state(state["rng"]["numpy"])
-            random.setstate(state["rng"]["python"])
-            log.info("resumed from %s at epoch %d batch %d (best valid AUC %.4f)", last, epoch, start_batch, best)
+            set_rng_state(state["rng"])
+            log.info("resumed from %s at epoch %d batch %d (best valid AUC %.4f)", self.out / "last.pt", epoch, start_batch, best)
         net = self.ddp or self.model
         batches = BatchIterator(
             self.store, self.train_idx, tc.batch_size, tc.t_max, shuffle=True, seed=tc.seed,
@@ -223,11 +267,17 @@ class Trainer:
                     net.train()
                     logits = net(batch)
                     loss = self.model.loss(batch, logits)
+                    value = loss.item()
+                    if not math.isfinite(value):  # stop before the step: the checkpoints stay as they were
+                        raise TrainingDiverged(
+                            f"training diverged at epoch {epoch + 1}, step {b + 1}: the loss is {value}; "
+                            f"lower train.lr, now {tc.lr:g}"
+                        )
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     self.optimizer.step()
                     seen += len(batch) * self.dist.world
-                    running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+                    running = value if running is None else 0.98 * running + 0.02 * value
                     progress.update(task, advance=1, info=f"loss {running:.4f}")
                     if b + 1 in eval_points:
                         train_seconds += time.perf_counter() - t_seg
@@ -243,6 +293,12 @@ class Trainer:
         """Evaluate on valid (rank 0), keep the best model, save resumable state, decide to stop."""
         stop = False
         if self.dist.main:
+            broken = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+            if broken:
+                raise TrainingDiverged(
+                    f"training diverged by epoch {epoch + 1}, step {batch}: {len(broken)} parameter tensors are not "
+                    f"finite (first {broken[0]}); lower train.lr, now {self.cfg.train.lr:g}"
+                )
             metrics = self._evaluate("valid")
             metrics.update(epoch=epoch + batch / n_batches, train_seconds=round(train_seconds, 1))
             history.append(metrics)
@@ -255,7 +311,7 @@ class Trainer:
             stop = bad > self.cfg.train.patience
             at_end = batch >= n_batches
             save_checkpoint(self._state(epoch + 1 if at_end else epoch, 0 if at_end else batch, best, bad, history, train_seconds, seen), self.out / "last.pt")
-            (self.out / "history.json").write_text(json.dumps(history, indent=2))
+            write_json_atomic(self.out / "history.json", history)
             log.info(
                 "epoch %.2f valid auc %.4f logloss %.4f gauc %.4f%s", metrics["epoch"], metrics["auc"],
                 metrics["logloss"], metrics["gauc"], " (best)" if improved else "",
@@ -283,30 +339,20 @@ class Trainer:
                 "parameters": sum(p.numel() for p in self.model.parameters()),
                 "processes": self.dist.world,
             }
-            (self.out / "metrics.json").write_text(json.dumps(result, indent=2))
+            write_json_atomic(self.out / "metrics.json", result)
             log.info("test auc %.4f logloss %.4f gauc %.4f", test["auc"], test["logloss"], test["gauc"])
         self.dist.barrier()
         return result
 
 
-def read_run_config(run: str | Path) -> tuple[str, RunConfig]:
-    """A run folder's data folder and validated configuration, from its ``config.yaml``."""
-    from r2led.config import validate_config
-
-    cfg_path = Path(run) / "config.yaml"
-    if not cfg_path.is_file():
-        from r2led.errors import CheckpointError
-
-        raise CheckpointError(f"{run} is not a run folder (no config.yaml)")
-    tree = yaml.safe_load(cfg_path.read_text())
-    data = tree.pop("data")
-    return data, validate_config(tree)
-
-
 def load_run(run: str | Path) -> tuple[torch.nn.Module, LifelongStore, RunConfig]:
-    """A finished run's best model, its store and its configuration (for evaluate / export)."""
+    """A run's best model, its store and its configuration (for evaluate / export).
+
+    The run is verified first (:func:`verify_run`): a readable ``config.yaml``, a ``best.pt``,
+    and the data and SID table it was trained on, unchanged.
+    """
     run = Path(run)
-    data, cfg = read_run_config(run)
+    data, cfg = verify_run(run, require_finished=False)
     store = LifelongStore(data)
     model = build_model(cfg.model, DataSpec.from_store(store), load_sid(store, cfg))
     state = load_checkpoint(run / "best.pt")

@@ -17,18 +17,37 @@ its tags are the names on its first category path (root first) and its category 
 name under the store's root (``path[1]``, else ``path[0]``). Items reviewed but missing from the
 metadata get the text ``"item {asin}"`` (counted in ``source_info``); metadata rows never
 reviewed are dropped. There are no user features.
+
+Reviews are read lazily (``pl.scan_ndjson``, plain or gzipped): ``interactions`` is a
+``pl.LazyFrame``, checked in one pass, with repeated ``(reviewer, asin, unixReviewTime)`` rows
+dropped. A review whose ``overall`` is missing, not finite or not 1..5 stars, or whose
+``unixReviewTime`` is not a time between 1990 and the end of next year, and a line that is not
+JSON, are refused with the file, the line and the column (quoting at most 100 characters).
 """
 
 from __future__ import annotations
 
 import ast
 import gzip
-import io
 import json
 from pathlib import Path
 
 import polars as pl
 
+from r2led.data.sources.checks import (
+    LINE,
+    RowCheck,
+    empty,
+    first_failure,
+    json_integer,
+    json_number,
+    json_record_line,
+    json_string,
+    locate_json_problem,
+    refusal,
+    short,
+    time_checks,
+)
 from r2led.data.tables import CanonicalTables
 from r2led.errors import DataError
 
@@ -39,16 +58,15 @@ _SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 def load_amazon(path: str | Path) -> CanonicalTables:
     """Read an Amazon reviews folder (reviews file + ``meta_*`` file) into canonical tables."""
     reviews_file, meta_file = find_files(Path(path))
-    inter = _read_reviews(reviews_file)
-    items, missing_meta = _read_items(meta_file, inter["item"].unique(maintain_order=True))
-    users = inter.select("user").unique(maintain_order=True)
+    inter, reviewed, users, rows = _read_reviews(reviews_file)
+    items, missing_meta = _read_items(meta_file, reviewed)
     info = {
         "reviews": str(reviews_file),
         "metadata": str(meta_file),
-        "rows": inter.height,
+        "rows": rows,
         "items_without_metadata": missing_meta,
     }
-    return CanonicalTables("amazon", inter, items, users, info).validate()
+    return CanonicalTables("amazon", inter, items, users, info).drop_duplicates().validate()
 
 
 def find_files(folder: Path) -> tuple[Path, Path]:
@@ -73,34 +91,49 @@ def _read_bytes(file: Path) -> bytes:
         with opener(file, "rb") as fh:
             return fh.read()
     except OSError as exc:
-        raise DataError(f"amazon: cannot read {file}: {exc}") from exc
+        raise DataError(f"amazon: cannot read {file}: {short(exc)}") from exc
 
 
-def _read_reviews(file: Path) -> pl.DataFrame:
-    # polars reads a plain file by path (no copy in Python); a .gz file is inflated first.
-    source = io.BytesIO(_read_bytes(file)) if file.name.lower().endswith(".gz") else file
+_REVIEW_RULES = {"reviewerID": json_string, "asin": json_string, "overall": json_number, "unixReviewTime": json_integer}
+
+
+def _read_reviews(file: Path) -> tuple[pl.LazyFrame, pl.Series, pl.DataFrame, int]:
+    """(lazy interactions, reviewed asins in order, users table, rows) of a reviews file."""
+    raw = pl.scan_ndjson(file, schema=REVIEW_COLUMNS, row_index_name=LINE, row_index_offset=1)
+    stars = pl.col("overall")
+    checks = [
+        *[RowCheck(c, empty(c), "is missing or empty") for c in ("reviewerID", "asin")],
+        RowCheck("overall", stars.is_null() | ~stars.is_finite().fill_null(False), "is missing or not a finite number"),
+        RowCheck("overall", ((stars.round() < 1) | (stars.round() > 5)).fill_null(False), "must be 1..5 stars"),
+        *time_checks("unixReviewTime", pl.col("unixReviewTime")),
+    ]
     try:
-        df = pl.read_ndjson(source, schema=REVIEW_COLUMNS)
+        rows, found = first_failure(raw, checks)
     except pl.exceptions.PolarsError as exc:
-        raise DataError(f"amazon: {file} is not JSON lines with {list(REVIEW_COLUMNS)}: {exc}") from exc
-    if df.height == 0:
+        raise _unreadable(file, exc) from None
+    if found is not None:
+        record, check, value = found  # polars numbers non-blank lines: find the file's line
+        raise refusal("amazon", file, json_record_line(file, record), check.column, check.problem, "" if value is None else value)
+    if rows == 0:
         raise DataError(f"amazon: {file} holds no reviews")
-    for col in REVIEW_COLUMNS:
-        bad = df[col].is_null()
-        if df[col].dtype == pl.Float64:
-            bad |= df[col].is_nan()
-        if bad.any():
-            line = int(bad.arg_max()) + 1
-            raise DataError(
-                f"amazon: {file}: column '{col}' is missing or null in {int(bad.sum())} reviews (first at line {line})"
-            )
-    stars = df["overall"].round().cast(pl.Int64)
-    if ((stars < 1) | (stars > 5)).any():
-        line = int(((stars < 1) | (stars > 5)).arg_max()) + 1
-        raise DataError(f"amazon: {file}: column 'overall' must be 1..5 stars; line {line} has {df['overall'][line - 1]}")
-    return pl.DataFrame(
-        {"user": df["reviewerID"], "item": df["asin"], "ts": df["unixReviewTime"], "signal": stars}
+    reviewed = raw.select(pl.col("asin").unique(maintain_order=True)).collect()["asin"]
+    users = raw.select(pl.col("reviewerID").unique(maintain_order=True).alias("user")).collect()
+    inter = raw.select(
+        pl.col("reviewerID").alias("user"),
+        pl.col("asin").alias("item"),
+        pl.col("unixReviewTime").alias("ts"),
+        stars.round().cast(pl.Int64).alias("signal"),
     )
+    return inter, reviewed, users, rows
+
+
+def _unreadable(file: Path, exc: Exception) -> DataError:
+    """The line polars could not read (found by a slower exact scan), or polars' reason, short."""
+    found = locate_json_problem(file, _REVIEW_RULES)
+    if found is None:
+        return DataError(f"amazon: {file} is not JSON lines with {list(REVIEW_COLUMNS)}: {short(exc)}")
+    line, column, problem, text = found
+    return refusal("amazon", file, line, column, problem, text)
 
 
 def _parse_meta_line(line: str, file: Path, number: int) -> dict:
@@ -109,10 +142,10 @@ def _parse_meta_line(line: str, file: Path, number: int) -> dict:
     except json.JSONDecodeError:
         try:  # the 2014 metadata is written as Python literals
             row = ast.literal_eval(line)
-        except (ValueError, SyntaxError) as exc:
-            raise DataError(f"amazon: {file}: line {number} is neither JSON nor a Python dict literal") from exc
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            raise refusal("amazon", file, number, None, "is neither JSON nor a Python dict literal", line) from None
     if not isinstance(row, dict):
-        raise DataError(f"amazon: {file}: line {number} is not an object")
+        raise refusal("amazon", file, number, None, "is not an object", line)
     return row
 
 
@@ -136,7 +169,7 @@ def _category_path(row: dict) -> list[str]:
 def _read_items(file: Path, reviewed: pl.Series) -> tuple[pl.DataFrame, int]:
     wanted = set(reviewed.to_list())
     rows: dict[str, tuple[str, str, list[str]]] = {}
-    for number, raw in enumerate(_read_bytes(file).decode("utf-8").splitlines(), start=1):
+    for number, raw in enumerate(_read_bytes(file).decode("utf-8", errors="replace").splitlines(), start=1):
         if not raw.strip():
             continue
         row = _parse_meta_line(raw, file, number)

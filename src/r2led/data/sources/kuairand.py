@@ -19,6 +19,12 @@ are ``time_ms // 1000``. The default protocol (threshold 3) would label nothing 
 ``Protocol(label_threshold=1)`` (click) or ``label_threshold=2`` (like). An item's text is
 ``"video {id} | type {video_type} | upload {upload_type} | tags {tag ...}"``, its category the
 first tag and its tags the tag list (empty when the video has no features row).
+
+Logs are read lazily (``pl.scan_csv``): ``interactions`` is a ``pl.LazyFrame``, each log
+checked in one pass, with repeated ``(user_id, video_id, time_ms // 1000)`` rows dropped. An
+empty id, a ``time_ms`` that is not a time between 1990 and the end of next year, an
+``is_click``/``is_like`` other than 0 or 1, and a line that cannot be parsed are refused with
+the file, the line and the column (quoting at most 100 characters of it).
 """
 
 from __future__ import annotations
@@ -27,6 +33,16 @@ from pathlib import Path
 
 import polars as pl
 
+from r2led.data.sources.checks import (
+    LINE,
+    RowCheck,
+    empty,
+    locate_csv_problem,
+    raise_first_failure,
+    refusal,
+    short,
+    time_checks,
+)
 from r2led.data.tables import CanonicalTables
 from r2led.errors import DataError
 
@@ -47,20 +63,22 @@ def load_kuairand(path: str | Path, logs: str = "log_standard*.csv") -> Canonica
     else:
         raise DataError(f"kuairand: file not found: {path}")
 
-    inter = pl.concat([_read_log(f) for f in log_files])
+    logs = [_read_log(f) for f in log_files]
+    inter = pl.concat([frame for frame, _ in logs])
     video_file = _optional(folder, "video_features_basic*.csv")
     user_file = _optional(folder, "user_features*.csv")
-    videos = inter.select(pl.col("item").unique(maintain_order=True))
+    keys = inter.select(pl.col("item"), pl.col("user"))
+    videos = keys.select(pl.col("item").unique(maintain_order=True)).collect()
     items = _items(videos, video_file)
-    users = _users(inter.select(pl.col("user").unique(maintain_order=True)), user_file)
+    users = _users(keys.select(pl.col("user").unique(maintain_order=True)).collect(), user_file)
     info = {
         "logs": [str(f) for f in log_files],
         "video_features": str(video_file) if video_file else None,
         "user_features": str(user_file) if user_file else None,
-        "rows": inter.height,
+        "rows": sum(rows for _, rows in logs),
         "signal": "1 + is_click + is_like",
     }
-    return CanonicalTables("kuairand", inter, items, users, info).validate()
+    return CanonicalTables("kuairand", inter, items, users, info).drop_duplicates().validate()
 
 
 def _optional(folder: Path, pattern: str) -> Path | None:
@@ -68,50 +86,85 @@ def _optional(folder: Path, pattern: str) -> Path | None:
     return found[0] if found else None
 
 
-def _read_csv(file: Path, required: tuple[str, ...], wanted: tuple[str, ...] | None = None) -> pl.DataFrame:
-    """Read ``file`` as strings (only the ``wanted`` columns that exist, default all); every
-    ``required`` column must exist and have no empty or NaN cell."""
+def _header(file: Path) -> list[str]:
     try:
-        header = pl.read_csv(file, n_rows=0, infer_schema=False).columns
+        return pl.read_csv(file, n_rows=0, infer_schema=False).columns
     except (pl.exceptions.PolarsError, OSError) as exc:
-        raise DataError(f"kuairand: cannot read {file} as CSV: {exc}") from exc
+        raise DataError(f"kuairand: cannot read {file} as CSV: {short(exc)}") from None
+
+
+def _read_csv(file: Path, required: tuple[str, ...]) -> pl.DataFrame:
+    """Read a features file as strings; every ``required`` column must exist and be filled."""
+    header = _header(file)
     missing = [c for c in required if c not in header]
     if missing:
         raise DataError(f"kuairand: {file} lacks column(s) {missing}; it has {header}")
-    columns = header if wanted is None else [c for c in header if c in wanted]
-    df = pl.read_csv(file, infer_schema=False, columns=columns)
-    for col in required:
-        bad = df[col].is_null() | (df[col].str.strip_chars().str.to_lowercase().is_in(["", "nan"]))
-        if bad.any():
-            raise DataError(
-                f"kuairand: {file}: column '{col}' is empty or NaN in {int(bad.sum())} rows "
-                f"(first at data row {int(bad.arg_max()) + 1})"
-            )
-    return df
+    try:
+        df = pl.read_csv(file, infer_schema=False, row_index_name=LINE, row_index_offset=2)
+    except pl.exceptions.PolarsError as exc:
+        raise _unreadable(file, header, exc) from None
+    raise_first_failure("kuairand", file, df, [RowCheck(c, _blank(c), "is empty or NaN") for c in required])
+    return df.drop(LINE)
 
 
-def _int_column(df: pl.DataFrame, col: str, file: Path) -> pl.Series:
-    values = df[col].str.strip_chars().cast(pl.Float64, strict=False)
-    bad = values.is_null() | values.is_nan()
-    if bad.any():
-        row = int(bad.arg_max())
-        raise DataError(f"kuairand: {file}: column '{col}' must be numeric; data row {row + 1} has {df[col][row]!r}")
-    return values.cast(pl.Int64)
+def _blank(col: str) -> pl.Expr:
+    return empty(col) | (pl.col(col).str.strip_chars().str.to_lowercase() == "nan").fill_null(False)
 
 
-def _read_log(file: Path) -> pl.DataFrame:
-    df = _read_csv(file, LOG_REQUIRED, wanted=LOG_REQUIRED + ("is_like",))
-    signal = 1 + _int_column(df, "is_click", file)
-    if "is_like" in df.columns:
-        signal = signal + _int_column(df, "is_like", file)
-    return pl.DataFrame(
-        {
-            "user": df["user_id"].str.strip_chars(),
-            "item": df["video_id"].str.strip_chars(),
-            "ts": _int_column(df, "time_ms", file) // 1000,
-            "signal": signal,
-        }
+def _flag(col: str) -> tuple[pl.Expr, RowCheck]:
+    """A 0/1 column as Int64, and the check that it is 0 or 1."""
+    value = pl.col(col).str.strip_chars().cast(pl.Float64, strict=False)
+    return value.cast(pl.Int64, strict=False), RowCheck(col, ~value.is_in([0.0, 1.0]).fill_null(False), "must be 0 or 1")
+
+
+def _read_log(file: Path) -> tuple[pl.LazyFrame, int]:
+    """One log file as lazy canonical interactions and its row count, checked in one pass
+    (line 1 is the header)."""
+    header = _header(file)
+    missing = [c for c in LOG_REQUIRED if c not in header]
+    if missing:
+        raise DataError(f"kuairand: {file} lacks column(s) {missing}; it has {header}")
+    wanted = [c for c in header if c in LOG_REQUIRED + ("is_like",)]
+    raw = (
+        pl.scan_csv(file, infer_schema=False, row_index_name=LINE, row_index_offset=2)
+        .select(LINE, *wanted)
+        .filter(~pl.all_horizontal([pl.col(c).is_null() for c in wanted]))  # blank lines
     )
+    ms = pl.col("time_ms").str.strip_chars().cast(pl.Float64, strict=False)
+    seconds = pl.when(ms.is_finite() & (ms.abs() < 2.0**62)).then(ms).cast(pl.Int64) // 1000
+    click, click_ok = _flag("is_click")
+    checks = [
+        RowCheck("user_id", _blank("user_id"), "is empty or NaN"),
+        RowCheck("video_id", _blank("video_id"), "is empty or NaN"),
+        RowCheck("time_ms", ms.is_null(), "must be a number of milliseconds", pl.col("time_ms")),
+        *time_checks("time_ms", seconds, pl.col("time_ms"), unit="milliseconds"),
+        click_ok,
+    ]
+    signal = 1 + click
+    if "is_like" in wanted:
+        like, like_ok = _flag("is_like")
+        checks.append(like_ok)
+        signal = signal + like
+    try:
+        rows = raise_first_failure("kuairand", file, raw, checks)
+    except pl.exceptions.PolarsError as exc:
+        raise _unreadable(file, header, exc) from None
+    frame = raw.select(
+        pl.col("user_id").str.strip_chars().alias("user"),
+        pl.col("video_id").str.strip_chars().alias("item"),
+        seconds.alias("ts"),
+        signal.alias("signal"),
+    )
+    return frame, rows
+
+
+def _unreadable(file: Path, header: list[str], exc: Exception) -> DataError:
+    """The line polars could not read (found by a slower exact scan), or polars' reason, short."""
+    found = locate_csv_problem(file, header, header=True)
+    if found is None:
+        return DataError(f"kuairand: cannot read {file} as CSV: {short(exc)}")
+    line, problem, text = found
+    return refusal("kuairand", file, line, None, problem, text)
 
 
 def _items(videos: pl.DataFrame, file: Path | None) -> pl.DataFrame:

@@ -13,6 +13,7 @@ SOURCES: dict[str, tuple[str, str]] = {
     "ml-1m": ("r2led.data.sources.movielens", "load_ml1m"),
     "ml-100k": ("r2led.data.sources.movielens", "load_ml100k"),
     "synthetic": ("r2led.data.sources.synthetic", "load_synthetic"),
+    "synthetic-lifelong": ("r2led.data.sources.lifelong", "load_lifelong"),
     "taobao": ("r2led.data.sources.taobao", "load_taobao"),
     "amazon": ("r2led.data.sources.amazon", "load_amazon"),
     "kuairand": ("r2led.data.sources.kuairand", "load_kuairand"),

@@ -35,16 +35,21 @@ Sequence lengths are uniform in ``[0.5, 1.5] x length`` (at least ``min_length``
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
 import numpy as np
 import polars as pl
+from polars.io.plugins import register_io_source
 
-from r2led.data.tables import CanonicalTables
+from r2led.data.tables import INTERACTION_SCHEMA, CanonicalTables
 from r2led.errors import ConfigError
 
 PERIOD_START = 1_577_836_800  # 2020-01-01T00:00:00Z
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
 _USER_CHUNK = 1 << 16  # users per chunk when sampling distinct interests (bounds memory)
+_BLOCK_ROWS = 1 << 21  # behaviours per generated block of users (bounds memory)
 
 
 def load_synthetic(
@@ -61,14 +66,103 @@ def load_synthetic(
     noise: float = 0.9,
     days: int = 365,
     min_length: int = 6,
+    lazy: bool = False,
 ) -> CanonicalTables:
     """Generate canonical tables (see the module docstring for the generative story).
 
     ``users`` x about ``length`` behaviours over ``items`` items; same ``seed`` -> identical
     tables. ``min_length`` should be at least the protocol's ``min_history + 1`` so that every
-    user yields samples.
+    user yields samples. ``lazy=True`` returns the interactions as a ``pl.LazyFrame`` that
+    generates blocks of users on demand (``r2led data prepare synthetic`` streams it into the
+    store); the rows are the same either way.
     """
     _check(users, length, items, topics, zipf, interests, drift, explore, segment, noise, days, min_length)
+    world = _world(users, length, items, seed, topics, zipf, interests, min_length)
+    params = (drift, explore, segment, noise, days)
+    blocks = _user_blocks(world.lens)
+
+    def frames() -> Iterator[pl.DataFrame]:
+        for b, (lo, hi) in enumerate(zip(blocks[:-1], blocks[1:])):
+            yield _behaviour_block(world, int(lo), int(hi), b, seed, *params)
+
+    item_table = topic_item_table(world.rng, world.item_leaf, topics)
+    user_table = _user_table(world.rng, world.main_leaf, world.leaf_top, world.leaf_sub, world.lens, topics)
+    info = {
+        "generator": "r2led.data.sources.synthetic",
+        "seed": seed,
+        "users": users,
+        "length": length,
+        "items": items,
+        "topics": list(topics),
+        "zipf": zipf,
+        "interests": interests,
+        "drift": drift,
+        "explore": explore,
+        "segment": segment,
+        "noise": noise,
+        "days": days,
+        "rows": int(world.lens.sum()),
+    }
+    if lazy:
+        return CanonicalTables("synthetic", lazy_frames(frames, INTERACTION_SCHEMA), item_table, user_table, info)
+    interactions = pl.concat(list(frames()), rechunk=True)
+    return CanonicalTables("synthetic", interactions, item_table, user_table, info).drop_duplicates().validate()
+
+
+def lazy_frames(make: Callable[[], Iterator[pl.DataFrame]], schema: dict) -> pl.LazyFrame:
+    """A ``pl.LazyFrame`` whose rows are produced block by block by ``make()`` (streamed)."""
+
+    def source(with_columns, predicate, n_rows, batch_size) -> Iterator[pl.DataFrame]:
+        left = n_rows
+        for frame in make():
+            if with_columns is not None:
+                frame = frame.select(with_columns)
+            if predicate is not None:
+                frame = frame.filter(predicate)
+            if left is not None:
+                frame = frame.head(left)
+                left -= frame.height
+            yield frame
+            if left is not None and left <= 0:
+                return
+
+    return register_io_source(source, schema=schema)
+
+
+def _user_blocks(lens: np.ndarray) -> np.ndarray:
+    """Boundaries of consecutive user blocks of about ``_BLOCK_ROWS`` behaviours each.
+
+    Fixed by the sequence lengths alone, so the data never depends on how it is consumed.
+    """
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    starts = np.unique(np.searchsorted(offsets[:-1], np.arange(0, offsets[-1], _BLOCK_ROWS), side="right") - 1)
+    return np.concatenate([starts, [len(lens)]])
+
+
+@dataclass
+class _World:
+    """Everything drawn once per dataset (items, leaves, users), O(items + users) memory."""
+
+    rng: np.random.Generator
+    n_leaf: int
+    leaf_sub: np.ndarray
+    leaf_top: np.ndarray
+    by_leaf: np.ndarray
+    leaf_cdf: np.ndarray
+    quality: np.ndarray
+    leaf_weight: np.ndarray
+    leaf_pop_cdf: np.ndarray
+    item_leaf: np.ndarray
+    lens: np.ndarray
+    base: np.ndarray
+    slot_cdf: np.ndarray
+    main_leaf: np.ndarray
+    user_bias: np.ndarray
+    win_start: np.ndarray
+    win_len: np.ndarray
+
+
+def _world(users, length, items, seed, topics, zipf, interests, min_length) -> _World:
     rng = np.random.default_rng(seed)
     n_top, n_sub, n_leaf = topics
     n_leaves = n_top * n_sub * n_leaf
@@ -101,18 +195,32 @@ def load_synthetic(
     lo = max(min_length, int(round(0.5 * length)))
     hi = max(lo, int(round(1.5 * length)))
     lens = rng.integers(lo, hi + 1, size=users, dtype=np.int64)
-    offsets = np.zeros(users + 1, dtype=np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    n_beh = int(offsets[-1])
-
     k = min(interests, n_leaves)
-    base = _distinct_leaves(rng, np.log(leaf_weight), users, k)  # (U, K)
+    base = distinct_leaves(rng, np.log(leaf_weight), users, k)  # (U, K)
     slot_weight = rng.dirichlet(np.ones(k), size=users)  # (U, K)
     slot_cdf = np.cumsum(slot_weight, axis=1).astype(np.float32)  # (U, K)
     main_leaf = base[np.arange(users), slot_weight.argmax(axis=1)]  # (U,) the strongest interest
     user_bias = rng.normal(0.0, 0.4, size=users).astype(np.float32)
     win_start = rng.uniform(0.0, 0.6, size=users)
     win_len = rng.uniform(0.2, 1.0, size=users) * (1.0 - win_start)
+    return _World(
+        rng, n_leaf, leaf_sub, leaf_top, by_leaf, leaf_cdf, quality, leaf_weight, leaf_pop_cdf, item_leaf,
+        lens, base, slot_cdf, main_leaf, user_bias, win_start, win_len,
+    )
+
+
+def _behaviour_block(w: _World, a: int, b: int, block: int, seed: int, drift, explore, segment, noise, days) -> pl.DataFrame:
+    """Interactions of users ``a .. b-1``, from the block's own random stream."""
+    rng = np.random.default_rng([seed, 1, block])
+    users = b - a
+    lens = w.lens[a:b]
+    base, slot_cdf = w.base[a:b], w.slot_cdf[a:b]
+    k = base.shape[1]
+    n_leaf, leaf_sub, leaf_top = w.n_leaf, w.leaf_sub, w.leaf_top
+    n_leaves = len(leaf_sub)
+    offsets = np.zeros(users + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    n_beh = int(offsets[-1])
 
     # ---- drift: the interests of every segment of every user ---------------------------------
     n_seg = (lens + segment - 1) // segment
@@ -121,7 +229,7 @@ def load_synthetic(
     total_seg = int(seg_offsets[-1])
     seg_user = np.repeat(np.arange(users), n_seg)
     sibling = leaf_sub[base[seg_user]] * n_leaf + rng.integers(0, n_leaf, size=(total_seg, k))
-    anywhere = np.searchsorted(leaf_pop_cdf, rng.random((total_seg, k)), side="right")
+    anywhere = np.searchsorted(w.leaf_pop_cdf, rng.random((total_seg, k)), side="right")
     candidate = np.where(rng.random((total_seg, k)) < 0.5, sibling, anywhere)
     event = rng.random((total_seg, k)) < drift
     first = seg_offsets[:-1][n_seg > 0]
@@ -133,7 +241,7 @@ def load_synthetic(
     current = np.take_along_axis(candidate, src, axis=0).astype(np.int16 if n_leaves < 2**15 else np.int32)  # (S, K)
 
     # ---- behaviours ---------------------------------------------------------------------------
-    beh_user = np.repeat(np.arange(users, dtype=np.int32), lens)  # (N,)
+    beh_user = np.repeat(np.arange(users, dtype=np.int32), lens)  # (N,) user within the block
     pos = np.arange(n_beh, dtype=np.int64) - offsets[beh_user]  # (N,)
     seg = seg_offsets[beh_user] + pos // segment  # (N,)
 
@@ -144,9 +252,9 @@ def load_synthetic(
     leaf = current[seg, slot].astype(np.int32)
     del slot, u
     exploring = rng.random(n_beh, dtype=np.float32) < explore
-    leaf[exploring] = np.searchsorted(leaf_pop_cdf, rng.random(int(exploring.sum())), side="right")
+    leaf[exploring] = np.searchsorted(w.leaf_pop_cdf, rng.random(int(exploring.sum())), side="right")
     del exploring
-    item = by_leaf[np.searchsorted(leaf_cdf, leaf + rng.random(n_beh), side="right")].astype(np.int32)
+    item = w.by_leaf[np.searchsorted(w.leaf_cdf, leaf + rng.random(n_beh), side="right")].astype(np.int32)
 
     # Fit of the behaviour's leaf to the user's interests at that time.
     # relation 0 = other top topic, 1 = same top, 2 = same sub-topic (sibling), 3 = same leaf
@@ -158,44 +266,24 @@ def load_synthetic(
         rel += cur == leaf
         np.maximum(relation, rel, out=relation)
     fit = np.array([0.0, 0.3, 0.6, 1.0], dtype=np.float32)[relation]
-    del cur, rel, relation, seg
-    latent = np.float32(2.3) + np.float32(1.6) * fit + quality[item] + user_bias[beh_user]
+    del relation, seg
+    latent = np.float32(2.3) + np.float32(1.6) * fit + w.quality[item] + w.user_bias[a:b][beh_user]
     latent += rng.standard_normal(n_beh, dtype=np.float32) * np.float32(noise)
     signal = np.clip(np.rint(latent), 1, 5).astype(np.int8)
     del latent, fit
 
     period = days * 86_400.0
     frac = (pos + rng.random(n_beh)) / lens[beh_user]
-    ts = (PERIOD_START + period * (win_start[beh_user] + win_len[beh_user] * frac)).astype(np.int64)
+    ts = (PERIOD_START + period * (w.win_start[a:b][beh_user] + w.win_len[a:b][beh_user] * frac)).astype(np.int64)
     del frac, pos
-
-    interactions = pl.DataFrame(
+    return pl.DataFrame(
         {
-            "user": pl.Series(beh_user + 1).cast(pl.String),
+            "user": pl.Series(beh_user + (a + 1)).cast(pl.String),
             "item": pl.Series(item + 1).cast(pl.String),
             "ts": ts,
             "signal": pl.Series(signal).cast(pl.Int64),
         }
     )
-    del beh_user, item, ts, signal
-    item_table = _item_table(rng, item_leaf, topics)
-    user_table = _user_table(rng, main_leaf, leaf_top, leaf_sub, lens, topics)
-    info = {
-        "generator": "r2led.data.sources.synthetic",
-        "seed": seed,
-        "users": users,
-        "length": length,
-        "items": items,
-        "topics": list(topics),
-        "zipf": zipf,
-        "interests": interests,
-        "drift": drift,
-        "explore": explore,
-        "segment": segment,
-        "noise": noise,
-        "days": days,
-    }
-    return CanonicalTables("synthetic", interactions, item_table, user_table, info).validate()
 
 
 def _check(users, length, items, topics, zipf, interests, drift, explore, segment, noise, days, min_length) -> None:
@@ -215,7 +303,7 @@ def _check(users, length, items, topics, zipf, interests, drift, explore, segmen
         raise ConfigError(f"synthetic: zipf and noise must be >= 0; got zipf={zipf}, noise={noise}")
 
 
-def _distinct_leaves(rng: np.random.Generator, log_weight: np.ndarray, users: int, k: int) -> np.ndarray:
+def distinct_leaves(rng: np.random.Generator, log_weight: np.ndarray, users: int, k: int) -> np.ndarray:
     """(users, k) distinct leaves per user, drawn by weight without replacement (Gumbel top-k)."""
     out = np.empty((users, k), dtype=np.int64)
     for a in range(0, users, _USER_CHUNK):
@@ -248,7 +336,9 @@ def _vocabulary(n_words: int) -> np.ndarray:
     return words
 
 
-def _item_table(rng: np.random.Generator, item_leaf: np.ndarray, topics: tuple[int, int, int]) -> pl.DataFrame:
+def topic_item_table(rng: np.random.Generator, item_leaf: np.ndarray, topics: tuple[int, int, int]) -> pl.DataFrame:
+    """Canonical item table for items in leaves ``item_leaf`` of the ``topics`` hierarchy:
+    text from the topic path and topic words, ``category`` = top topic, ``tags`` = path."""
     n_top, n_sub, n_leaf = topics
     per_top, per_sub, per_leaf, n_common = 8, 6, 4, 200
     n_subs, n_leaves = n_top * n_sub, n_top * n_sub * n_leaf
