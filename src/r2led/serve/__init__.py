@@ -1,24 +1,31 @@
-"""Serving: export a trained run to a self-contained folder and score candidates for users.
+"""Serving: export a trained run as a bundle, and score candidates for users over HTTP.
 
-``export_run(run, out)`` writes the folder, ``load_exported(out)`` reads it back as a
-``ScoringModel`` (no original store needed), and ``r2led.serve.service.create_app`` puts a
-``ScoringModel`` behind an HTTP API (FastAPI).
+- ``export_run(run, out)`` writes a bundle (``r2led.serve.bundle``); ``load_bundle(out)`` reads
+  it back as a ``ScoringModel``, checking every file's sha256 (``r2led.serve.bundle_load``).
+- ``ScoringModel`` (``r2led.serve.scoring``): vocabularies and the one call to the model.
+- ``HistoryStore`` (``r2led.serve.history_store``): durable user histories, SQLite (WAL) or
+  Redis; ``UserHistories`` (``r2led.serve.user_cache``): the LRU of users in memory.
+- ``ScoringService`` (``r2led.serve.scoring_service``): what the routes call;
+  ``create_app`` (``r2led.serve.service``) the FastAPI app; ``r2led.serve.server`` runs it.
 """
 
-from r2led.serve.export import (
-    ScoringInputError,
-    ScoringModel,
-    UnknownItemError,
-    UnknownUserError,
-    export_run,
-    load_exported,
-)
+from r2led.serve.bundle import export_run
+from r2led.serve.bundle_load import load_bundle
+from r2led.serve.errors import BundleError, HistoryStoreError, ScoringInputError, UnknownItemError, UnknownUserError
+from r2led.serve.history_store import HistoryStore, open_store
+from r2led.serve.scoring import ScoringModel
+from r2led.serve.scoring_service import ScoringService
 
 __all__ = [
+    "BundleError",
+    "HistoryStore",
+    "HistoryStoreError",
     "ScoringInputError",
     "ScoringModel",
+    "ScoringService",
     "UnknownItemError",
     "UnknownUserError",
     "export_run",
-    "load_exported",
+    "load_bundle",
+    "open_store",
 ]

@@ -1,0 +1,74 @@
+"""ASGI middleware in front of every route: API keys, then the request body cap.
+
+- ``X-API-Key`` (or ``Authorization: Bearer KEY``) must be one of the service's keys on every
+  path except ``/health``, the schema and ``/docs`` included: 401 otherwise.
+- A body larger than ``max_body_bytes`` is refused with 413 before it is read whole: at once
+  when ``Content-Length`` says so, and as soon as a streamed (chunked) body passes the cap (such a body is read
+  up to the cap, then handed on).
+Both answer a short JSON ``{"detail": ...}``.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+import orjson
+
+OPEN_PATHS = frozenset({"/health"})
+
+
+async def _reply(send, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    body = orjson.dumps({"detail": detail})
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guards:
+    """API key check and body cap, as one ASGI middleware (see the module docstring)."""
+
+    def __init__(self, app, api_keys: frozenset[str] | None, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, int(max_body_bytes)
+        self.api_keys = [k.encode() for k in api_keys] if api_keys else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.api_keys is not None and scope["path"] not in OPEN_PATHS and not self._authorised(headers):
+            return await _reply(send, 401, "missing or unknown API key: send it in the X-API-Key header",
+                                [(b"www-authenticate", b'APIKey header="X-API-Key"')])
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            return await _reply(send, 413, f"request body is larger than the limit of {self.max_body_bytes:,} bytes")
+        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            # a streamed (chunked) body: read it up to the cap, then hand it on whole
+            chunks, size, more = [], 0, True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                if size > self.max_body_bytes:
+                    return await _reply(send, 413, f"request body is larger than the limit of {self.max_body_bytes:,} bytes")
+                more = message.get("more_body", False)
+            body = b"".join(chunks)
+            sent = False
+
+            async def replay():
+                nonlocal sent
+                if sent:
+                    return await receive()
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            return await self.app(scope, replay, send)
+        await self.app(scope, receive, send)
+
+    def _authorised(self, headers: dict[bytes, bytes]) -> bool:
+        key = headers.get(b"x-api-key")
+        if key is None:
+            auth = headers.get(b"authorization", b"")
+            key = auth[7:].strip() if auth[:7].lower() == b"bearer " else None
+        return key is not None and any(hmac.compare_digest(key, k) for k in self.api_keys)

