@@ -1,6 +1,7 @@
 """The accuracy benchmark on the tiny store: every output, resume, significance."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -49,23 +50,109 @@ def test_a_finished_run_with_other_settings_is_refused_not_reused(tiny_store, tm
         run_accuracy(tiny_store.root, ["din"], 1, out, overrides=[*FAST, "train.lr=0.02"], ablations=False, report_only=True)
 
 
-def test_search_on_valid_records_every_trial_and_trains_the_best(tiny_store, tmp_path):
+SMALL_GRID = """
+lr: [0.01, 0.02]
+models:
+  din:
+    why: "test grid"
+    knobs:
+      model.short_len: [30, 10]
+      model.dropout: [0.0, 0.1]
+"""
+
+
+def test_search_on_valid_runs_the_whole_grid_and_trains_the_best(tiny_store, tmp_path):
     out = tmp_path / "res"
-    results = run_accuracy(tiny_store.root, ["din"], 1, out, overrides=FAST, ablations=False, search=True)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(SMALL_GRID)
+    results = run_accuracy(tiny_store.root, ["din"], 1, out, overrides=FAST, ablations=False, search=True, grid=grid)
     searched = json.loads((out / "search.json").read_text())["din"]
     trials = searched["trials"]
-    assert len(trials) == 4 and trials[0]["overrides"] == []  # the defaults, then one change at a time
+    # lr x short_len x dropout, lr outermost: every combination once
+    assert [t["overrides"] for t in trials] == [
+        [f"train.lr={lr}", f"model.short_len={n}", f"model.dropout={d}"] for lr in (0.01, 0.02) for n in (30, 10) for d in (0.0, 0.1)
+    ]
     best = max(trials, key=lambda t: t["valid_auc"])
-    assert searched["chosen"] == best["overrides"]
+    assert searched["chosen"] == best["overrides"] and searched["why"] == "test grid"
     assert results["din"]["overrides"] == best["overrides"]
+    assert len({t["valid_auc"] for t in trials}) > 1  # the trials really differ
     for trial in trials:  # every trial is its own seed-0 run, selected on valid only
         assert 0.0 < trial["valid_auc"] < 1.0
+        assert json.loads((Path(trial["run"]) / "metrics.json").read_text())["valid"]["auc"] == trial["valid_auc"]
     md = (out / "results.md").read_text()
-    assert "## Search on valid" in md and f"{best['valid_auc']:.4f}" in md
+    assert "## Search on valid" in md and f"| 8 | 0 | {best['valid_auc']:.4f} |" in md
     assert json.loads((out / "results.json").read_text())["search"]["din"]["chosen"] == best["overrides"]
     # the chosen trial is the seed-0 run of the table: copied, not trained again (same timings too)
-    chosen_run = out / "runs" / f"search_din_{trials.index(best)}" / "seed0"
-    assert (out / "runs" / "din" / "seed0" / "metrics.json").read_text() == (chosen_run / "metrics.json").read_text()
+    assert (out / "runs" / "din" / "seed0" / "metrics.json").read_text() == (Path(best["run"]) / "metrics.json").read_text()
+    # resumable: a second call trains nothing (every trial's metrics.json untouched)
+    stamps = {t["run"]: (Path(t["run"]) / "metrics.json").stat().st_mtime_ns for t in trials}
+    run_accuracy(tiny_store.root, ["din"], 1, out, overrides=FAST, ablations=False, search=True, grid=grid)
+    assert stamps == {t["run"]: (Path(t["run"]) / "metrics.json").stat().st_mtime_ns for t in trials}
+
+
+def test_a_diverged_trial_is_recorded_never_chosen_and_not_retrained(tiny_store, tmp_path, monkeypatch):
+    from r2led.bench import accuracy
+    from r2led.train.trainer import TrainingDiverged
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(SMALL_GRID)
+    real, calls = accuracy._train, []
+
+    def train(data, job, seed, run, files, overrides):
+        calls.append(job.label)
+        if "train.lr=0.02" in job.overrides and "model.dropout=0.1" in job.overrides:
+            raise TrainingDiverged("training diverged by epoch 1 (test)")
+        return real(data, job, seed, run, files, overrides)
+
+    monkeypatch.setattr(accuracy, "_train", train)
+    out = tmp_path / "res"
+    run_accuracy(tiny_store.root, ["din"], 1, out, overrides=FAST, ablations=False, search=True, grid=grid)
+    trials = json.loads((out / "search.json").read_text())["din"]["trials"]
+    diverged = [t for t in trials if t["valid_auc"] is None]
+    assert len(diverged) == 2 and all("diverged by epoch 1" in t["diverged"] for t in diverged)
+    assert "| 8 | 2 |" in (out / "results.md").read_text()
+    chosen = json.loads((out / "search.json").read_text())["din"]["chosen"]
+    assert chosen == max((t for t in trials if t["valid_auc"] is not None), key=lambda t: t["valid_auc"])["overrides"]
+    calls.clear()
+    run_accuracy(tiny_store.root, ["din"], 1, out, overrides=FAST, ablations=False, search=True, grid=grid)
+    assert not any(c.startswith("search/") and "dropout=0.1" in c and "lr=0.02" in c for c in calls)
+
+
+def test_the_declared_grid_gives_every_model_the_same_sixteen_valid_trials():
+    from r2led.bench.accuracy import load_grid
+    from r2led.config import load_config
+    from r2led.models.registry import MODELS
+
+    grid = load_grid()
+    assert grid["lr"] == [0.0005, 0.001, 0.002, 0.004]
+    assert set(grid["models"]) == set(MODELS)
+    for model, entry in grid["models"].items():
+        assert len(entry["trials"]) == 16 and len({tuple(t) for t in entry["trials"]}) == 16
+        assert entry["why"]
+        defaults = load_config(None, [], base={"model": {"name": model}}).model_dump()
+        for knob, values in entry["knobs"].items():  # the first value of each knob is the default
+            section, key = knob.split(".")
+            assert defaults[section][key] == values[0], (model, knob)
+        for trial in entry["trials"]:  # every trial is a valid configuration
+            load_config(None, trial, base={"model": {"name": model}})
+
+
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ("lr: [0.001]\nmodels:\n  din:\n    knobs: {model.dropout: [0.0, 0.1], model.short_len: [30, 50]}\n", "why"),
+        ("lr: [0.001]\nmodels:\n  din:\n    why: x\n    knobs: {model.dropout: [0.0, 0.1]}\n", "exactly two knobs"),
+        ("lr: [0.001]\nmodels:\n  din:\n    why: x\n    knobs: {model.dropout: [0.0, 0.1, 0.2], model.short_len: [30, 50]}\n", "two values"),
+        ("models: {}\n", "lr"),
+    ],
+)
+def test_a_grid_that_breaks_the_equal_budget_is_refused(tmp_path, text, named):
+    from r2led.bench.accuracy import load_grid
+
+    path = tmp_path / "g.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=named):
+        load_grid(path)
 
 
 def test_report_only_search_trains_nothing_and_leaves_out_unsearched_models(tiny_store, tmp_path):

@@ -105,7 +105,7 @@ def test_cli_diagnose_names_a_folder_that_is_not_a_finished_run(runs, tmp_path):
     assert result.exit_code != 0 and "test_pred.npy" in str(result.exception) + result.output
     ok = CliRunner().invoke(app, ["bench", "diagnose", str(runs / "shared"), "--out", str(tmp_path / "o"), "--every", "2"])
     assert ok.exit_code == 0, ok.output
-    assert "Test AUC by target popularity" in ok.output
+    assert "Valid AUC by target popularity" in ok.output  # valid by default: test is read once
 
 
 def test_run_names_are_short_and_distinct(tmp_path):
@@ -114,3 +114,27 @@ def test_run_names_are_short_and_distinct(tmp_path):
     runs = [tmp_path / "a" / "runs" / "r2led" / "seed0", tmp_path / "b" / "runs" / "r2led" / "seed0", tmp_path / "x" / "sid_off"]
     assert run_names(runs) == ["a/runs/r2led/seed0", "b/runs/r2led/seed0", "sid_off"]
     assert run_names(runs[1:]) == ["r2led/seed0", "sid_off"]
+
+
+def test_diagnose_reads_valid_by_default_and_test_only_when_asked(tiny_store, runs, tmp_path):
+    from r2led.bench.diagnostics import analysis_settings
+    from r2led.train.trainer import predict
+
+    settings = analysis_settings()
+    assert settings["split"] == "valid" and settings["popularity_buckets"] == 5 and settings["tail_bucket"] == 0
+    report = diagnose(runs / "shared", [runs / "din"], tmp_path / "v", every=1, n_buckets=2)
+    assert report["split"] == "valid" and report["tail"]["split"] == "valid"
+    valid = tiny_store.split_indices("valid")
+    assert report["tail"]["buckets"][-1]["rows"] == len(valid) and report["retrieval"]["shared"]["split"] == "valid"
+    model, store, cfg = load_run(runs / "din")
+    pred = predict(model, store, valid, cfg.train.eval_batch_size, cfg.train.t_max)
+    label = tiny_store.sample_arrays["label"][valid]
+    assert report["tail"]["buckets"][-1]["auc"]["din"] == round(roc_auc_score(label, pred), 4)
+    # the valid AUC of the whole split is the one the trainer recorded for its best checkpoint
+    recorded = json.loads((runs / "din" / "metrics.json").read_text())["valid"]["auc"]
+    assert report["tail"]["buckets"][-1]["auc"]["din"] == pytest.approx(recorded, abs=1e-4)
+    test = diagnose(runs / "shared", [runs / "din"], tmp_path / "t", every=1, n_buckets=2, split="test")
+    assert test["tail"]["buckets"][-1]["rows"] == len(tiny_store.split_indices("test"))
+    assert "Test AUC by target popularity" in (tmp_path / "t" / "diagnostics.md").read_text()
+    with pytest.raises(DataError, match="split 'train'"):
+        diagnose(runs / "shared", [], tmp_path / "x", split="train")

@@ -152,9 +152,11 @@ def test_quality_report_counts_collisions_usage_and_entropy():
     assert q["mean_items_per_sid"] == pytest.approx(4 / 3, abs=1e-4)
     h = -(0.75 * np.log2(0.75) + 0.25 * np.log2(0.25))  # usage 3:1 at both levels
     assert q["levels"][0] == {
-        "codebook_size": 3, "used_codes": 2, "dead_codes": 1, "entropy": pytest.approx(h, abs=1e-4),
-        "entropy_max": pytest.approx(np.log2(3), abs=1e-4), "prefix_vocab": 2,
+        "codebook_size": 3, "used_codes": 2, "dead_codes": 1, "utilisation": pytest.approx(2 / 3, abs=1e-4),
+        "entropy": pytest.approx(h, abs=1e-4), "entropy_max": pytest.approx(np.log2(3), abs=1e-4),
+        "perplexity": pytest.approx(2**h, abs=1e-3), "prefix_vocab": 2,
     }
+    assert q["collision_rate"] == 0.5
     assert q["levels"][1]["dead_codes"] == 0 and q["levels"][1]["prefix_vocab"] == 3
     assert entropy_bits(np.array([5, 5, 5, 5, 0])) == pytest.approx(2.0)
 
@@ -361,7 +363,7 @@ def test_ml1m_minilm_sids_group_movies_of_similar_genres(ml1m):
     assert within1 > 1.6 * random and within1 - random > 0.12
     assert within2 > within1 + 0.15
 
-    again = build_sid_table(ml1m)  # warm cache: no re-encoding, identical codes
+    again = build_sid_table(ml1m, force=True)  # warm cache: no re-encoding, identical codes
     assert again.quality["embedding_cache_hit"] is True and again.quality["encode_seconds"] < 1.0
     assert np.array_equal(again.codes, table.codes)
 
@@ -406,3 +408,107 @@ def test_synthetic_level_codes_recover_the_hidden_topic_hierarchy(tmp_path):
     sub_ami = adjusted_mutual_info_score(tags[:, 1], tokens[:, 1])
     chance = adjusted_mutual_info_score(np.random.default_rng(0).permutation(tags[:, 0]), codes[:, 0])
     assert top_ami > 0.6 and sub_ami > 0.6 and abs(chance) < 0.05  # measured 0.79, 0.88
+
+
+# ---- quality: neighbourhood agreement; options: balanced RQ-KMeans, Sinkhorn RQ-VAE -------------
+def test_neighbour_agreement_is_high_for_the_true_clusters_and_chance_for_random_codes():
+    from r2led.sid.quality import neighbour_agreement
+
+    x, top, sub = hierarchical_embeddings()  # 480 items, 4 x 4 clusters of 30
+    true = np.stack([top, sub], 1)
+    agree = neighbour_agreement(x, true, k=10)
+    assert [lv["level"] for lv in agree] == [1, 2]
+    assert agree[0]["agreement"] == 1.0 and agree[1]["agreement"] > 0.95  # clusters well apart
+    n = len(x)
+    assert agree[0]["chance"] == pytest.approx(round(4 * 120 * 119 / (n * (n - 1)), 4))
+    assert agree[1]["chance"] == pytest.approx(round(16 * 30 * 29 / (n * (n - 1)), 4))
+    shuffled = np.random.default_rng(0).permutation(true)
+    rand = neighbour_agreement(x, shuffled, k=10)
+    assert abs(rand[0]["agreement"] - rand[0]["chance"]) < 0.04
+    # a sample of the items gives nearly the same figure
+    assert neighbour_agreement(x, true, k=10, queries=100)[1]["agreement"] > 0.95
+
+
+def test_neighbour_agreement_skips_the_item_itself_even_among_duplicates():
+    from r2led.sid.quality import neighbour_agreement
+
+    x = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=np.float32)  # two pairs of duplicates
+    codes = np.array([[0], [1], [2], [2]])
+    agree = neighbour_agreement(x, codes, k=1)
+    assert agree[0]["agreement"] == 0.5  # items 3 and 4 are each other's neighbour; 1 and 2 differ
+
+
+def test_build_reports_neighbours_and_per_level_utilisation(tiny_store):
+    table = build_sid_table(tiny_store, encoder="tfidf", levels=2, codebook=[4, 3], seed=0, out="sidq")
+    q = json.loads((tiny_store.root / "sidq" / "quality.json").read_text())
+    assert q["neighbours"]["k"] == 10 and [lv["level"] for lv in q["neighbours"]["levels"]] == [1, 2]
+    first = q["neighbours"]["levels"][0]
+    assert first["agreement"] > 2 * first["chance"]  # text topics: neighbours share level-1 codes
+    assert q["collision_rate"] == pytest.approx(1 - q["unique_sid_rate"], abs=1e-6)
+    for lv in q["levels"]:
+        assert lv["utilisation"] == pytest.approx(lv["used_codes"] / lv["codebook_size"], abs=1e-4)
+        assert lv["perplexity"] == pytest.approx(2 ** lv["entropy"], rel=1e-3)
+    assert table.quality == q
+
+
+def skewed_embeddings(seed=0):
+    """One big blob of 300 items and three small ones of 20: plain k-means gives unequal codes."""
+    rng = np.random.default_rng(seed)
+    centres = np.array([[0, 0], [10, 0], [0, 10], [10, 10]], dtype=np.float64)
+    sizes = [300, 20, 20, 20]
+    x = np.concatenate([c + rng.normal(0, 1.5, (m, 2)) for c, m in zip(centres, sizes)])
+    return np.hstack([x, rng.normal(0, 0.1, (len(x), 6))]).astype(np.float32)
+
+
+def test_balanced_assignment_respects_capacity_and_is_nearest_when_capacity_allows():
+    from r2led.sid.quantizers import balanced_assignment
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 3)).astype(np.float32)
+    c = rng.normal(size=(4, 3)).astype(np.float32)
+    nearest = ((x[:, None, :] - c[None]) ** 2).sum(-1).argmin(1)
+    assert np.array_equal(balanced_assignment(x, c, 50), nearest)
+    tight = balanced_assignment(x, c, 13)
+    assert np.bincount(tight, minlength=4).max() <= 13 and np.bincount(tight, minlength=4).sum() == 50
+    with pytest.raises(ValueError, match="cannot hold"):
+        balanced_assignment(x, c, 12)
+
+
+def test_balanced_rq_kmeans_evens_out_code_usage():
+    x = skewed_embeddings()
+    plain = rq_kmeans(x, [4, 4], seed=0)
+    balanced = rq_kmeans(x, [4, 4], seed=0, balanced=True)
+    cap = -(-len(x) // 4)  # 90
+    for level in range(2):
+        assert np.bincount(balanced.codes[:, level], minlength=4).max() <= cap
+    assert np.bincount(plain.codes[:, 0], minlength=4).max() > cap  # the big blob keeps one code
+    qp, qb = sid_quality(plain.codes, [4, 4]), sid_quality(balanced.codes, [4, 4])
+    assert qb["levels"][0]["perplexity"] > qp["levels"][0]["perplexity"]
+    assert qb["max_items_per_sid"] < qp["max_items_per_sid"]
+    assert np.array_equal(balanced.codes, rq_kmeans(x, [4, 4], seed=0, balanced=True).codes)
+    assert balanced.params["balanced"] is True
+
+
+def test_sinkhorn_assignment_spreads_an_over_used_code_and_keeps_a_balanced_one():
+    from r2led.sid.rq_vae import sinkhorn_assign
+
+    g = torch.Generator().manual_seed(0)
+    dist = torch.rand(400, 4, generator=g)
+    dist[:, 0] -= 1.0  # code 0 is everyone's nearest
+    assert torch.bincount(dist.argmin(1), minlength=4).tolist() == [400, 0, 0, 0]
+    spread = torch.bincount(sinkhorn_assign(dist), minlength=4)
+    assert spread.min() >= 60 and spread.max() <= 140
+    # rows that already use every code equally keep their nearest code
+    even = torch.full((8, 4), 5.0)
+    even[torch.arange(8), torch.arange(8) % 4] = 0.0
+    assert torch.equal(sinkhorn_assign(even), torch.arange(8) % 4)
+
+
+def test_rq_vae_with_sinkhorn_uses_codes_more_evenly():
+    x = skewed_embeddings()
+    plain = train_rq_vae(x, [4, 4], RqVaeConfig(seed=0, epochs=20))
+    even = train_rq_vae(x, [4, 4], RqVaeConfig(seed=0, epochs=20, sinkhorn=True))
+    assert even.params["sinkhorn"] is True
+    qp, qe = sid_quality(plain.codes, [4, 4]), sid_quality(even.codes, [4, 4])
+    assert qe["levels"][0]["perplexity"] > qp["levels"][0]["perplexity"]
+    assert np.bincount(even.codes[:, 0], minlength=4).max() < 0.5 * len(x)

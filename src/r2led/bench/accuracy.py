@@ -3,16 +3,22 @@
 Layout of a results folder::
 
     runs/<label>/seed<S>/      one trainer run folder per model (or variant) and seed
-    search.json                the search on valid (when asked): trials and the choice
+    search.json                the search on valid (when asked): every trial and the choice
     results.json               per label: overrides, per-seed metrics, mean and std, p-values
-    results.md                 the tables (main, fairness control, ablations)
+    results/                   the small JSON files the report is made from (``--publish``
+                               puts them elsewhere, e.g. docs/results/; see r2led.bench.report)
+    results.md                 the report: search, tables with user-clustered CIs, claims
     auc.png                    test AUC per model, mean with std error bars
 
-Finished runs (with metrics.json) are reused, so an interrupted benchmark resumes.
+The search (``--search``) is the equal grid of configs/search.yaml: the same 16 trials on
+seed 0 for every model, chosen by valid AUC. Finished runs (with metrics.json) are reused, so
+an interrupted search or benchmark resumes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import os
 import platform
@@ -26,10 +32,14 @@ import numpy as np
 import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from r2led.atomic import write_json_atomic
+from r2led.bench.plots import save_figure
 from r2led.cli.common import console, print_table
 from r2led.config import load_config
 from r2led.errors import ConfigError
 from r2led.data.store import LifelongStore
+from r2led.bench.report import publish as publish_results
+from r2led.bench.report import run_record, safe_name, write_report
 from r2led.bench.significance import delong_test
 
 SEARCH_SPACES = Path(__file__).resolve().parent.parent / "configs" / "search.yaml"
@@ -58,14 +68,18 @@ class Job:
     seeds: list[int] = field(default_factory=list)
 
     def run_dir(self, out: Path, seed: int) -> Path:
-        safe = "".join(c if c.isalnum() or c in "-_.=+" else "_" for c in self.label)
-        return out / "runs" / safe / f"seed{seed}"
+        return out / "runs" / safe_name(self.label) / f"seed{seed}"
+
+
+def _run_config(job: Job, seed: int, files: list[Path], overrides: list[str]):
+    """The validated RunConfig of ``job`` at ``seed``."""
+    return load_config(files, [*overrides, *job.overrides, f"train.seed={seed}"], base={"model": {"name": job.model}})
 
 
 def _train(data: Path, job: Job, seed: int, run: Path, files: list[Path], overrides: list[str]) -> dict:
     from r2led.train.trainer import Trainer
 
-    cfg = load_config(files, [*overrides, *job.overrides, f"train.seed={seed}"], base={"model": {"name": job.model}})
+    cfg = _run_config(job, seed, files, overrides)
     done = run / "metrics.json"
     if (run / "config.yaml").is_file():
         _check_same_settings(run, cfg)
@@ -94,38 +108,105 @@ def _check_same_settings(run: Path, cfg) -> None:
         raise ConfigError(f"{run} was trained with other settings; delete it or use another --out:\n  " + "\n  ".join(diff))
 
 
-def search_on_valid(
-    data: Path, models: list[str], out: Path, files: list[Path], overrides: list[str], report_only: bool = False
-) -> dict[str, dict]:
-    """Each model's small search on valid (the same number of trials for every model): per
-    model its trials, the chosen overrides and the chosen trial's run folder (also written to
-    ``search.json``).
+def _yaml_value(value) -> str:
+    """A grid value as ``--set`` text that YAML reads back as the same value."""
+    return json.dumps(value) if isinstance(value, (bool, str)) else repr(value)
 
-    Trials are listed in configs/search.yaml; each trains with seed 0 and the trial's
-    overrides; the best valid AUC wins. The test split is never looked at here.
+
+def load_grid(path: Path | None = None) -> dict:
+    """The declared search grid (configs/search.yaml): per model its trials, each a list of
+    overrides, in a fixed order (lr outermost, then the knobs in the order declared).
+
+    Returns {"lr", "common", "models": {model: {"why", "knobs", "trials"}}, "sha256"}. Refuses
+    (ConfigError) a grid where a model lacks a reason or does not have exactly two knobs at two
+    values each: every model gets the same number of trials.
+    """
+    path = Path(path or SEARCH_SPACES)
+    try:
+        text = path.read_text()
+        spec = yaml.safe_load(text)
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"search grid {path}: {e}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("lr"), list) or not spec["lr"] or not isinstance(spec.get("models"), dict):
+        raise ConfigError(f"search grid {path}: expected 'lr: [...]' and 'models: {{name: {{why, knobs}}}}'")
+    common = list(spec.get("common") or [])
+    models = {}
+    for model, entry in spec["models"].items():
+        knobs = (entry or {}).get("knobs") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or not str(entry.get("why") or "").strip():
+            raise ConfigError(f"search grid {path}: model {model!r} needs a one-line 'why' for its knobs")
+        if not isinstance(knobs, dict) or len(knobs) != 2 or any(not isinstance(v, list) or len(v) != 2 for v in knobs.values()):
+            raise ConfigError(f"search grid {path}: model {model!r} must declare exactly two knobs with two values each")
+        trials = [
+            [f"train.lr={_yaml_value(lr)}", *(f"{k}={_yaml_value(v)}" for k, v in zip(knobs, values))]
+            for lr in spec["lr"]
+            for values in itertools.product(*knobs.values())
+        ]
+        models[model] = {"why": str(entry["why"]).strip(), "knobs": knobs, "trials": trials}
+    return {"lr": list(spec["lr"]), "common": common, "models": models, "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def _trial_label(model: str, trial: list[str]) -> str:
+    """search/<model>/<override values>: a trial's run folder is named by what it sets."""
+    return f"search/{model}/" + ",".join(o.split(".", 1)[-1] for o in trial)
+
+
+def _search_trial(data: Path, job: Job, trial: list[str], out: Path, files: list[Path], overrides: list[str], report_only: bool) -> dict | None:
+    """One search trial's record: its overrides, valid AUC and run folder. A trial that
+    diverges (TrainingDiverged) is recorded with valid_auc None and the reason (in the run
+    folder's diverged.json, so that a resumed search does not train it again); None when
+    ``report_only`` and the trial has not finished."""
+    from r2led.train.trainer import TrainingDiverged
+
+    run = job.run_dir(out, 0)
+    record = {"overrides": trial, "run": str(run)}
+    if (run / "diverged.json").is_file():
+        return {**record, "valid_auc": None, "diverged": json.loads((run / "diverged.json").read_text())["reason"]}
+    if report_only and not (run / "metrics.json").is_file():
+        return None
+    try:
+        metrics = _train(data, job, 0, run, files, overrides)
+    except TrainingDiverged as e:
+        write_json_atomic(run / "diverged.json", {"reason": str(e)})
+        return {**record, "valid_auc": None, "diverged": str(e)}
+    return {**record, "valid_auc": metrics["valid"]["auc"]}
+
+
+def search_on_valid(
+    data: Path, models: list[str], out: Path, files: list[Path], overrides: list[str], report_only: bool = False, grid: Path | None = None
+) -> dict[str, dict]:
+    """Each model's equal search on valid: per model its trials, the chosen overrides and the
+    chosen trial's run folder (also written to ``search.json``).
+
+    The grid is declared in configs/search.yaml (``grid``: another file; see ``load_grid``):
+    learning rate x two knobs x two values, the same 16 trials for every model. Each trial
+    trains with seed 0; the best valid AUC wins (ties: the earlier trial). The test split is
+    never looked at here. A finished trial is reused, so an interrupted search resumes.
     ``report_only``: train nothing; a model whose trials have not all finished gets no choice
     (and is left out of the tables).
     """
-    spaces = yaml.safe_load(SEARCH_SPACES.read_text())
-    budget = spaces["budget"]
+    spec = load_grid(grid)
     record = {}
     for model in models:
-        trials = [[]] + [list(t) for t in spaces["models"].get(model, [])][: budget - 1]
+        if model not in spec["models"]:
+            raise ConfigError(f"the search grid declares no trials for model {model!r}; add it to {grid or SEARCH_SPACES}")
+        trials = spec["models"][model]["trials"]
         scores = []
-        for i, trial in enumerate(trials):
-            job = Job(f"search/{model}/{i}", model, [*spaces.get("common", []), *trial], "search")
-            if report_only and not (job.run_dir(out, 0) / "metrics.json").is_file():
-                break
-            metrics = _train(data, job, 0, job.run_dir(out, 0), files, overrides)
-            scores.append({"overrides": trial, "valid_auc": metrics["valid"]["auc"]})
+        for trial in trials:
+            job = Job(_trial_label(model, trial), model, [*spec["common"], *trial], "search")
+            scores.append(_search_trial(data, job, trial, out, files, overrides, report_only))
+        scores = [t for t in scores if t is not None]
         if len(scores) < len(trials):
             console.print(f"search {model}: {len(scores)} of {len(trials)} trials finished; left out of the tables")
             continue
-        best = max(range(len(scores)), key=lambda i: scores[i]["valid_auc"])
-        chosen = [*spaces.get("common", []), *scores[best]["overrides"]]
-        record[model] = {"trials": scores, "chosen": chosen, "run": str(Job(f"search/{model}/{best}", model, [], "search").run_dir(out, 0))}
-        console.print(f"search {model}: chose {scores[best]['overrides'] or 'defaults'} (valid AUC {scores[best]['valid_auc']:.4f})")
-    (out / "search.json").write_text(json.dumps(record, indent=2))
+        ok = [i for i, t in enumerate(scores) if t["valid_auc"] is not None]
+        if not ok:
+            raise ConfigError(f"search {model}: every trial diverged ({scores[0]['diverged']})")
+        best = max(ok, key=lambda i: (scores[i]["valid_auc"], -i))
+        chosen = [*spec["common"], *scores[best]["overrides"]]
+        record[model] = {"why": spec["models"][model]["why"], "trials": scores, "chosen": chosen, "run": scores[best]["run"]}
+        console.print(f"search {model}: chose {' '.join(scores[best]['overrides'])} (valid AUC {scores[best]['valid_auc']:.4f})")
+    write_json_atomic(out / "search.json", record)
     return record
 
 
@@ -152,18 +233,26 @@ def run_accuracy(
     fairness: bool = False,
     variant_seeds: int | None = None,
     report_only: bool = False,
+    grid: Path | None = None,
+    publish: Path | None = None,
+    replicates: int = 1000,
+    bootstrap_seed: int = 0,
 ) -> dict:
     """Train every job x seed (reusing finished runs), then write results.json/.md and auc.png.
 
     ``report_only``: train nothing; tabulate the runs that have finished (the tables say how
-    many seeds each row has).
+    many seeds each row has). ``grid``: the search grid (default configs/search.yaml).
+    ``publish``: the folder for the small per-run JSON files and the report's inputs
+    (default ``OUT/results``; ``docs/results`` in the repository); results.md is the report
+    (``r2led.bench.report``) of that folder, with user-clustered bootstrap intervals
+    (``replicates`` user draws from ``bootstrap_seed``).
     """
     data, out = Path(data), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     store = LifelongStore(data)
     files, overrides = list(config_files or []), list(overrides or [])
     t0 = time.perf_counter()
-    searched = search_on_valid(data, models, out, files, overrides, report_only) if search else None
+    searched = search_on_valid(data, models, out, files, overrides, report_only, grid) if search else None
     tuned = {m: r["chosen"] for m, r in searched.items()} if search else {m: [] for m in models}
     models = [m for m in models if m in tuned]
     seed_list = list(range(seeds))
@@ -180,6 +269,7 @@ def run_accuracy(
         jobs += [Job(f"r2led {name}", "r2led", [*tuned["r2led"], *ov], "ablation", list(variant_list)) for name, ov in ABLATIONS.items()]
 
     results: dict[str, dict] = {}
+    records: list[dict] = []
     total = sum(len(j.seeds) for j in jobs)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("runs", total=total)
@@ -191,7 +281,10 @@ def run_accuracy(
                 if report_only and not (job.run_dir(out, seed) / "metrics.json").is_file():
                     job.seeds.remove(seed)
                     continue
-                per_seed.append(_train(data, job, seed, job.run_dir(out, seed), files, overrides))
+                metrics = _train(data, job, seed, job.run_dir(out, seed), files, overrides)
+                per_seed.append(metrics)
+                settings = _run_config(job, seed, files, overrides).model_dump(mode="json")
+                records.append(run_record(job.label, job.model, job.group, job.overrides, seed, job.run_dir(out, seed), settings, metrics))
             if per_seed:
                 results[job.label] = {"model": job.model, "group": job.group, "overrides": job.overrides, "seeds": per_seed, **_summary(per_seed)}
 
@@ -205,9 +298,18 @@ def run_accuracy(
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "seconds": round(time.perf_counter() - t0, 1),
         "search": search,
+        "models": models,
+        "published": str(publish or out / "results"),
+        "config_files": [str(f) for f in files],
+        "overrides": overrides,
+        # each model's settings before its search overrides (R2LED's were frozen before the search)
+        "defaults": {m: load_config(files, overrides, base={"model": {"name": m}}).model_dump(mode="json") for m in models},
     }
-    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results, "search": searched}, indent=2))
-    (out / "results.md").write_text(render_markdown(meta, results, searched))
+    write_json_atomic(out / "results.json", {"meta": meta, "results": results, "search": searched})
+    folder = Path(publish or out / "results")
+    publish_results(folder, meta, searched, load_grid(grid) if search else None, records)
+    if records:
+        write_report(folder, markdown=out / "results.md", replicates=replicates, seed=bootstrap_seed, data=data)
     plot_auc(results, out / "auc.png")
     print_table(
         f"{store.name} test split, {seeds} seed(s): mean ± std",
@@ -247,47 +349,6 @@ def _pmax(v: dict) -> str:
     return "—" if not p else f"{max(p):.2g}"
 
 
-def render_markdown(meta: dict, results: dict, searched: dict | None = None) -> str:
-    lines = [
-        f"# Accuracy on {meta['dataset']} ({meta['test_rows']:,} test rows)",
-        "",
-        f"Seeds {meta['seeds']}; metrics on the test split (valid AUC: the split runs are selected on) as mean ± std over seeds; p: DeLong's test of R2LED's AUC",
-        "against the row's, per seed on the same test rows (the largest p over seeds is shown).",
-        f"Date {meta['date']}; machine {meta['machine']}; benchmark wall time {meta['seconds']:.0f} s.",
-        "",
-    ]
-    if searched:
-        width = max(len(r["trials"]) for r in searched.values())
-        lines += [
-            "## Search on valid (seed 0; valid AUC of each trial; the best one is used for every seed)",
-            "",
-            "| model | " + " | ".join(["defaults", *[f"trial {i}" for i in range(1, width)]]) + " | chosen |",
-            "|---|" + "---|" * (width + 1),
-        ]
-        for model, record in searched.items():
-            cells = [f"{' '.join(t['overrides']) or 'defaults'}: {t['valid_auc']:.4f}" for t in record["trials"]]
-            cells += [""] * (width - len(cells))
-            lines.append(f"| {model} | " + " | ".join(cells) + f" | {' '.join(record['chosen']) or 'defaults'} |")
-        lines.append("")
-    for group, title in (("main", "Models"), ("fairness", "Fairness control: baselines with SID prefix features"), ("ablation", "R2LED ablations")):
-        rows = {k: v for k, v in results.items() if v["group"] == group}
-        if not rows:
-            continue
-        lines += [
-            f"## {title}",
-            "",
-            "| model | seeds | valid AUC | AUC | LogLoss | GAUC | p (AUC vs R2LED) | train s | train samples/s | infer samples/s |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for k, v in rows.items():
-            lines.append(
-                f"| {k} | {len(v['seeds'])} | {_pm(v, 'auc', 'valid')} | {_pm(v, 'auc')} | {_pm(v, 'logloss')} | {_pm(v, 'gauc')} | {_pmax(v)} | "
-                f"{v['train_seconds']:.0f} | {v['train_samples_per_s']:,.0f} | {v['eval_samples_per_s']:,.0f} |"
-            )
-        lines.append("")
-    return "\n".join(lines)
-
-
 def plot_auc(results: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -306,4 +367,4 @@ def plot_auc(results: dict, path: Path) -> None:
     ax.set_ylim(lo - 0.01, hi + 0.005)
     ax.set_ylabel("test AUC (mean ± std over seeds)")
     ax.tick_params(axis="x", rotation=30)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)

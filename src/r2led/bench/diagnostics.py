@@ -11,8 +11,14 @@
   short-term window is given as the reference an unretrieved selection reaches.
 - **gate**: the mean SID-level fusion weights over [ID, level 1 … L] of the catalogue's
   items, by popularity bucket: a tail item is expected to lean on its SID levels.
-- **tail**: AUC on the test rows by the target item's popularity (equal-sized buckets of test
+- **tail**: AUC on the split's rows by the target item's popularity (equal-sized buckets of
   rows), for every run, with DeLong's p of RUN against each --compare run inside each bucket.
+
+The split is **valid** by default: these analyses guide design, and the test split is read
+once, for the final tables (``--split test`` only for those). The buckets and the split come
+from ``configs/analysis.yaml``, fixed before results are computed; "the tail" is its
+``tail_bucket`` (the least-seen targets). Valid predictions are computed from the run's best
+checkpoint; test ones are read from ``test_pred.npy``.
 
 An item's popularity is its number of training samples (rows of the train split with it as
 the target); valid and test rows are not counted.
@@ -20,20 +26,32 @@ the target); valid and test rows are not counted.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from sklearn.metrics import roc_auc_score
 
+from r2led.atomic import write_json_atomic, write_text_atomic
 from r2led.bench.significance import delong_test
 from r2led.data.batches import BatchIterator
 from r2led.data.store import LifelongStore
 from r2led.errors import DataError
 from r2led.models.base import short_window
 from r2led.models.layers import gather_behaviours
-from r2led.train.trainer import load_run
+from r2led.train.trainer import load_run, predict
+
+ANALYSIS = Path(__file__).resolve().parent.parent / "configs" / "analysis.yaml"
+SPLITS = ("valid", "test")
+
+
+def analysis_settings(path: Path | None = None) -> dict:
+    """The declared analysis slices: split, popularity_buckets, tail_bucket, retrieval_every."""
+    spec = yaml.safe_load(Path(path or ANALYSIS).read_text())
+    if spec.get("split") not in SPLITS or int(spec.get("popularity_buckets", 0)) < 1:
+        raise DataError(f"{path or ANALYSIS}: expected split in {SPLITS} and popularity_buckets >= 1")
+    return spec
 
 
 def item_popularity(store: LifelongStore) -> np.ndarray:
@@ -145,16 +163,17 @@ def gate_stats(model, popularity: np.ndarray, n_buckets: int = 5) -> dict | None
     return {"views": ["id", *[f"level {j + 1}" for j in range(weights.shape[1] - 1)]], "buckets": rows}
 
 
-def tail_auc(store: LifelongStore, preds: dict[str, np.ndarray], popularity: np.ndarray, n_buckets: int = 5) -> dict:
-    """Test AUC by target popularity for each run (the first is the reference for DeLong's p)."""
+def tail_auc(store: LifelongStore, preds: dict[str, np.ndarray], popularity: np.ndarray, n_buckets: int = 5, split: str = "test") -> dict:
+    """AUC on ``split`` by target popularity for each run (the first is the reference for
+    DeLong's p); preds: each run's probabilities on the split's rows, in split order."""
     s = store.sample_arrays
-    test = store.split_indices("test")
+    test = store.split_indices(split)
     label = s["label"][test]
     bucket, labels = popularity_buckets(popularity[s["target"][test]], n_buckets)
     names = list(preds)
     for name, p in preds.items():
         if len(p) != len(test):
-            raise DataError(f"{name}: {len(p)} test predictions, the store has {len(test)} test rows")
+            raise DataError(f"{name}: {len(p)} {split} predictions, the store has {len(test)} {split} rows")
     rows = []
     for i, lab in enumerate([*labels, "all"]):
         rows_i = np.ones(len(test), dtype=bool) if lab == "all" else bucket == i
@@ -167,7 +186,7 @@ def tail_auc(store: LifelongStore, preds: dict[str, np.ndarray], popularity: np.
             if name != names[0]:
                 row["p"][name] = float(delong_test(y, preds[names[0]][rows_i], preds[name][rows_i])["p"])
         rows.append(row)
-    return {"reference": names[0], "buckets": rows}
+    return {"reference": names[0], "split": split, "buckets": rows}
 
 
 def run_names(runs: list[Path]) -> list[str]:
@@ -184,8 +203,26 @@ def run_names(runs: list[Path]) -> list[str]:
             depth[i] += 1
 
 
-def diagnose(run: Path, compare: list[Path], out: Path, every: int = 10, n_buckets: int = 5) -> dict:
-    """Everything the module docstring lists, for ``run`` against ``compare``; writes ``out``."""
+def split_predictions(run: Path, split: str, loaded=None) -> np.ndarray:
+    """A finished run's probabilities on ``split`` (split order): test from test_pred.npy,
+    valid computed from its best checkpoint (``loaded``: the run's (model, store, cfg))."""
+    if split == "test":
+        return np.load(Path(run) / "test_pred.npy").astype(np.float64)
+    model, store, cfg = loaded or load_run(run)
+    return predict(model, store, store.split_indices(split), cfg.train.eval_batch_size, cfg.train.t_max)
+
+
+def diagnose(run: Path, compare: list[Path], out: Path, every: int | None = None, n_buckets: int | None = None, split: str | None = None) -> dict:
+    """Everything the module docstring lists, for ``run`` against ``compare``; writes ``out``.
+
+    ``split``, ``n_buckets`` and ``every`` default to configs/analysis.yaml (valid, 5, 10).
+    """
+    settings = analysis_settings()
+    split = split or settings["split"]
+    n_buckets = n_buckets or int(settings["popularity_buckets"])
+    every = every or int(settings.get("retrieval_every", 10))
+    if split not in SPLITS:
+        raise DataError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
     runs = [Path(run), *map(Path, compare)]
     for r in runs:
         if not (r / "test_pred.npy").is_file():
@@ -193,20 +230,22 @@ def diagnose(run: Path, compare: list[Path], out: Path, every: int = 10, n_bucke
     names = run_names(runs)
     model, store, cfg = load_run(runs[0])
     popularity = item_popularity(store)
-    report = {"run": names[0], "retrieval": {}, "gate": gate_stats(model, popularity, n_buckets)}
+    report = {"run": names[0], "split": split, "retrieval": {}, "gate": gate_stats(model, popularity, n_buckets)}
+    preds = {}
     for i, (r, name) in enumerate(zip(runs, names)):
-        m, _, c = (model, store, cfg) if i == 0 else load_run(r)
+        m, st, c = (model, store, cfg) if i == 0 else load_run(r)
         if hasattr(m, "retrieve_routes"):
-            report["retrieval"][name] = retrieval_stats(m, store, "test", every, t_max=c.train.t_max)
-    report["tail"] = tail_auc(store, {n: np.load(r / "test_pred.npy").astype(np.float64) for r, n in zip(runs, names)}, popularity, n_buckets)
+            report["retrieval"][name] = retrieval_stats(m, store, split, every, t_max=c.train.t_max)
+        preds[name] = split_predictions(r, split, (m, st, c))
+    report["tail"] = tail_auc(store, preds, popularity, n_buckets, split)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "diagnostics.json").write_text(json.dumps(report, indent=2))
-    (out / "diagnostics.md").write_text(diagnostics_markdown(report))
+    write_json_atomic(out / "diagnostics.json", report)
+    write_text_atomic(out / "diagnostics.md", diagnostics_markdown(report))
     return report
 
 
 def diagnostics_markdown(report: dict) -> str:
-    lines = [f"# Diagnostics of {report['run']}", ""]
+    lines = [f"# Diagnostics of {report['run']} ({report.get('split', 'test')} split)", ""]
     if report["retrieval"]:
         first = next(iter(report["retrieval"].values()))
         lines += [
@@ -230,7 +269,7 @@ def diagnostics_markdown(report: dict) -> str:
     t = report["tail"]
     names = list(t["buckets"][0]["auc"]) if t["buckets"] else []
     lines += [
-        f"## Test AUC by target popularity (p: DeLong, {t['reference']} against the column's run)",
+        f"## {t.get('split', 'test').capitalize()} AUC by target popularity (p: DeLong, {t['reference']} against the column's run)",
         "",
         f"| popularity | rows | positive rate | {' | '.join(names)} |",
         "|---|---|---|" + "---|" * len(names),

@@ -2,7 +2,12 @@
 
 - ``rq-kmeans`` (default): level 1 clusters the embeddings with k-means, level l clusters the
   residuals left by levels 1..l-1 (faiss k-means, seeded). No training beyond k-means.
+- ``rq-kmeans-balanced``: the same, with size-balanced k-means at every level: no code holds
+  more than ceil(N / K) items (``balanced_kmeans``), so that codes are used evenly and fewer
+  items share a SID.
 - ``rq-vae``: a residual-quantized autoencoder (see ``r2led.sid.rq_vae``).
+- ``rq-vae-sinkhorn``: the RQ-VAE with Sinkhorn (near-uniform) code assignment at every level,
+  in training and for the final codes.
 
 Codebook sizes may differ per level (``[16, 16, 32]``). Both quantizers report how much of
 the embeddings' variance each level leaves unexplained, so that levels can be compared.
@@ -13,10 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from numba import njit
 
 from r2led.errors import ConfigError, DataError
 
-QUANTIZERS = ("rq-kmeans", "rq-vae")
+QUANTIZERS = ("rq-kmeans", "rq-kmeans-balanced", "rq-vae", "rq-vae-sinkhorn")
+BALANCED_ITERATIONS = 10  # capacity-constrained assignment / centroid update rounds
 KMEANS_NITER = 25
 NREDO = 5  # k-means restarts, best objective kept: one run often merges two true clusters
 SINGLE_THREAD_WORK = 1 << 24  # n * k below which k-means runs on one thread
@@ -66,35 +73,96 @@ def kmeans(x: np.ndarray, k: int, seed: int, niter: int = KMEANS_NITER) -> tuple
     return km.centroids.copy(), assign.ravel().astype(np.int64)
 
 
-def rq_kmeans(x: np.ndarray, codebook: list[int], seed: int = 0, niter: int = KMEANS_NITER) -> Quantization:
+def balanced_assignment(x: np.ndarray, centroids: np.ndarray, capacity: int) -> np.ndarray:
+    """Assign rows of x (n, d) to centroids (k, d), at most ``capacity`` rows per centroid.
+
+    Greedy by regret: rows whose nearest centroid is much closer than their second choice
+    pick first, each taking its nearest centroid that still has room. Returns (n,) int64.
+    Needs k * capacity >= n.
+    """
+    n, k = x.shape[0], centroids.shape[0]
+    if k * capacity < n:
+        raise ValueError(f"{k} centroids x capacity {capacity} cannot hold {n} rows")
+    x64, c64 = x.astype(np.float64), centroids.astype(np.float64)
+    dist = (x64**2).sum(1, keepdims=True) - 2 * x64 @ c64.T + (c64**2).sum(1)  # (n, k)
+    prefs = np.argsort(dist, axis=1, kind="stable")  # (n, k) nearest first
+    rows = np.arange(n)
+    regret = dist[rows, prefs[:, 1]] - dist[rows, prefs[:, 0]] if k > 1 else np.zeros(n)
+    order = np.argsort(-regret, kind="stable")
+    return _walk_preferences(np.ascontiguousarray(prefs), np.ascontiguousarray(order), int(capacity), int(k))
+
+
+@njit(cache=True)
+def _walk_preferences(prefs: np.ndarray, order: np.ndarray, capacity: int, k: int) -> np.ndarray:
+    """Each row in ``order`` takes its first preferred centroid (prefs (n, k)) with room left."""
+    load = np.zeros(k, dtype=np.int64)
+    out = np.empty(prefs.shape[0], dtype=np.int64)
+    for i in order:
+        for c in prefs[i]:
+            if load[c] < capacity:
+                load[c] += 1
+                out[i] = c
+                break
+    return out
+
+
+def balanced_kmeans(x: np.ndarray, k: int, seed: int, niter: int = KMEANS_NITER, rounds: int = BALANCED_ITERATIONS) -> tuple[np.ndarray, np.ndarray]:
+    """Size-balanced k-means of x (n, d): faiss k-means, then ``rounds`` of capacity-constrained
+    assignment (``balanced_assignment``, capacity ceil(n / k)) and centroid update. Returns
+    (centroids (k, d), assignment (n,)); every cluster holds at most ceil(n / k) rows."""
+    centroids, _ = kmeans(x, k, seed=seed, niter=niter)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    capacity = -(-x.shape[0] // k)
+    assign = balanced_assignment(x, centroids, capacity)
+    for _ in range(rounds):
+        sums = np.zeros((k, x.shape[1]), dtype=np.float64)
+        np.add.at(sums, assign, x)
+        counts = np.bincount(assign, minlength=k)
+        used = counts > 0
+        centroids = centroids.astype(np.float64)
+        centroids[used] = sums[used] / counts[used, None]
+        centroids = centroids.astype(np.float32)
+        new = balanced_assignment(x, centroids, capacity)
+        if np.array_equal(new, assign):
+            break
+        assign = new
+    return centroids, assign
+
+
+def rq_kmeans(x: np.ndarray, codebook: list[int], seed: int = 0, niter: int = KMEANS_NITER, balanced: bool = False) -> Quantization:
     """Residual k-means: level l clusters what levels 1..l-1 left unexplained.
 
     x: (N, D) float32; codebook: K_l per level. Returns codes (N, L) int64 and the fraction of
     variance left after each level. Deterministic for a seed (each level uses seed + l).
+    ``balanced``: size-balanced k-means at every level (``balanced_kmeans``).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     residual = x.copy()  # (N, D)
     denom = max(total_variance(x), 1e-12)
     codes = np.zeros((x.shape[0], len(codebook)), dtype=np.int64)  # (N, L)
     left = []
+    cluster = balanced_kmeans if balanced else kmeans
     for level, k in enumerate(codebook):
-        centroids, assign = kmeans(residual, k, seed=seed + level, niter=niter)
+        centroids, assign = cluster(residual, k, seed=seed + level, niter=niter)
         codes[:, level] = assign
         residual -= centroids[assign]  # (N, D)
         left.append(round(float((residual.astype(np.float64) ** 2).sum()) / denom, 6))
-    return Quantization(codes, left, left[-1], {"niter": niter, "nredo": NREDO})
+    params = {"niter": niter, "nredo": NREDO}
+    if balanced:
+        params.update(balanced=True, balanced_rounds=BALANCED_ITERATIONS)
+    return Quantization(codes, left, left[-1], params)
 
 
 def quantize(
     x: np.ndarray, quantizer: str, codebook: list[int], seed: int = 0, progress: bool = False
 ) -> Quantization:
     """Codes (N, L) for embeddings x (N, D) with the named quantizer (see ``QUANTIZERS``)."""
-    if quantizer == "rq-kmeans":
-        return rq_kmeans(x, codebook, seed=seed)
-    if quantizer == "rq-vae":
+    if quantizer in ("rq-kmeans", "rq-kmeans-balanced"):
+        return rq_kmeans(x, codebook, seed=seed, balanced=quantizer == "rq-kmeans-balanced")
+    if quantizer in ("rq-vae", "rq-vae-sinkhorn"):
         from r2led.sid.rq_vae import RqVaeConfig, train_rq_vae
 
-        return train_rq_vae(x, codebook, RqVaeConfig(seed=seed), progress=progress)
+        return train_rq_vae(x, codebook, RqVaeConfig(seed=seed, sinkhorn=quantizer == "rq-vae-sinkhorn"), progress=progress)
     raise ConfigError(f"unknown quantizer {quantizer!r}; expected one of {', '.join(QUANTIZERS)}")
 
 

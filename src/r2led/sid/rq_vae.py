@@ -5,7 +5,8 @@
 
     loss = ||x_hat - x||^2 + sum_l ( ||sg(r_l) - c_l||^2 + beta * ||r_l - sg(c_l)||^2 )
 
-where r_1 = z, r_{l+1} = r_l - c_l and c_l is the codeword of level l nearest to r_l. The
+where r_1 = z, r_{l+1} = r_l - c_l and c_l is the codeword of level l nearest to r_l (with
+``sinkhorn``: the codeword a Sinkhorn-balanced assignment gives it, see ``sinkhorn_assign``). The
 decoder sees z + sg(z_q - z) (straight-through estimator), so the reconstruction gradient
 reaches the encoder through the non-differentiable nearest-code choice.
 
@@ -39,6 +40,24 @@ class RqVaeConfig:
     beta: float = 0.25  # commitment weight: how hard the encoder is pulled towards its codes
     reseed_every: int = 5  # epochs between dead-code re-seeding
     seed: int = 0
+    sinkhorn: bool = False  # near-uniform code assignment at every level (training and final codes)
+    sinkhorn_epsilon: float = 0.05  # entropic temperature, relative to the distances' std
+    sinkhorn_iterations: int = 50
+
+
+def sinkhorn_assign(dist: torch.Tensor, epsilon: float = 0.05, iterations: int = 50) -> torch.Tensor:
+    """Codes for rows of squared distances dist (B, K) under a near-uniform code usage.
+
+    Sinkhorn-Knopp on exp(-dist / (epsilon * std(dist))): alternately scale the columns to
+    equal mass and the rows to 1 (in log space), then each row takes its largest entry. With a
+    small epsilon a row keeps its nearest code unless that code is over-used. Returns (B,).
+    """
+    d = dist.double()
+    logits = -(d - d.mean()) / (epsilon * d.std().clamp_min(1e-12))  # (B, K)
+    for _ in range(iterations):
+        logits = logits - torch.logsumexp(logits, dim=0, keepdim=True)  # every code: equal mass
+        logits = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # every row: mass 1
+    return logits.argmax(1)
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:
@@ -57,6 +76,7 @@ class RqVae(nn.Module):
     def __init__(self, in_dim: int, codebook: list[int], cfg: RqVaeConfig):
         super().__init__()
         self.beta = cfg.beta
+        self.cfg = cfg
         self.encoder = mlp([in_dim, *cfg.hidden, cfg.latent_dim])
         self.decoder = mlp([cfg.latent_dim, *reversed(cfg.hidden), in_dim])
         self.codebooks = nn.ParameterList([nn.Parameter(torch.zeros(k, cfg.latent_dim)) for k in codebook])
@@ -74,7 +94,7 @@ class RqVae(nn.Module):
         for book in self.codebooks:  # book: (K, e)
             residuals.append(residual)
             dist = (residual.detach() ** 2).sum(1, keepdim=True) - 2 * residual.detach() @ book.T + (book**2).sum(1)  # (B, K)
-            idx = dist.argmin(1)  # (B,)
+            idx = sinkhorn_assign(dist, self.cfg.sinkhorn_epsilon, self.cfg.sinkhorn_iterations) if self.cfg.sinkhorn else dist.argmin(1)  # (B,)
             code = book[idx]  # (B, e)
             vq_loss = vq_loss + F.mse_loss(code, residual.detach()) + self.beta * F.mse_loss(residual, code.detach())
             z_q = z_q + code
