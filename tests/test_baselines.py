@@ -134,13 +134,19 @@ def test_eta_keeps_the_smallest_hamming_distances(tiny_store, batch):
             assert hamming[r, a] < hamming[r, c] or a > c
 
 
-def test_eta_signature_cache_follows_the_embeddings(tiny_store):
+def test_eta_signature_cache_is_kept_until_invalidated(tiny_store):
     model = build(tiny_store, "eta").eval()
     first = model.item_signatures()
-    assert model.item_signatures() is first  # cached while nothing changes
+    assert model.item_signatures() is first  # kept while nothing changes
     with torch.no_grad():
         model.items.id.weight.mul_(-1)
+    assert model.item_signatures() is first  # an in-place write is not watched: invalidation is explicit
+    model.invalidate_caches()
     assert torch.equal(model.item_signatures()[1:], ~first[1:])  # flipped signs -> complemented bits
+    kept = model.item_signatures()
+    model.train()
+    model.eval()  # a training phase ends in eval(): the next call recomputes
+    assert model.item_signatures() is not kept and torch.equal(model.item_signatures(), kept)
 
 
 def test_twin_selects_the_top_k_of_its_own_attention_scores(tiny_store, batch):

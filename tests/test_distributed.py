@@ -35,3 +35,58 @@ def test_torchrun_two_processes_train_one_model(tiny_store, tmp_path):
     # each process took every other batch: an epoch is half the single-process step count
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1.0, 2.0, 3.0, 4.0]
+
+
+# ---- the rules, without launching processes ----------------------------------------------------
+
+
+def test_shards_cover_each_split_once_and_train_shards_are_equal(tmp_path):
+    import numpy as np
+    import polars as pl
+
+    from r2led.data.protocol import Protocol
+    from r2led.data.sources.synthetic import load_synthetic
+    from r2led.data.store import build_store
+    from r2led.train.distributed import Distributed, shard, shard_store
+
+    assert [shard(10, 20, Distributed(r, 3)) for r in range(3)] == [(10, 13), (13, 16), (16, 20)]
+    assert [shard(10, 20, Distributed(r, 3), equal=True) for r in range(3)] == [(10, 13), (13, 16), (16, 19)]
+    store = build_store(load_synthetic(users=40, length=30, items=200, seed=1), tmp_path / "s", Protocol(min_history=1))
+    views = [shard_store(store, Distributed(r, 3)) for r in range(3)]
+    for split in ("valid", "test"):  # every sample of the split once, in split order
+        ranks = np.concatenate([v.sample_arrays["rank"][v.split_indices(split)] for v in views])
+        assert ranks.tolist() == store.sample_arrays["rank"][store.split_indices(split)].tolist()
+    train = [len(v.split_indices("train")) for v in views]
+    assert len(set(train)) == 1 and sum(train) == len(store.split_indices("train")) // 3 * 3
+    cut = shard_store(store, Distributed(1, 2), max_train=100, max_eval=10)
+    assert len(cut.split_indices("train")) == 50 and len(cut.split_indices("valid")) == 5
+    first_valid = store.samples.filter(pl.col("split") == 1)["rank"].to_list()[5:10]
+    assert cut.sample_arrays["rank"][cut.split_indices("valid")].tolist() == first_valid
+
+
+def test_global_batch_and_threads_do_not_depend_on_the_rank_count(monkeypatch):
+    import r2led.train.distributed as d
+
+    assert d.local_batch_size(512, d.Distributed(0, 1)) == 512
+    assert d.local_batch_size(512, d.Distributed(1, 2)) == 256
+    assert d.local_batch_size(512, d.Distributed(0, 4)) * 4 == 512
+    monkeypatch.setattr(d, "usable_cores", lambda: 8)
+    assert d.configure_threads(None, d.Distributed(0, 4, local_world=4)) == 2
+    assert d.configure_threads(None, d.Distributed(0, 1)) == 8
+    assert d.configure_threads(3, d.Distributed(0, 4, local_world=4)) == 3
+    torch.set_num_threads(1)
+
+
+def test_the_openmp_wait_policy_is_passive_by_default():
+    import os
+
+    import r2led  # noqa: F401
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run([sys.executable, "-c", "import os, r2led, torch; print(os.environ['OMP_WAIT_POLICY'])"],
+                          capture_output=True, text=True, env=env)
+    assert done.stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"  # a user's choice is kept
+    done = subprocess.run([sys.executable, "-c", "import os, r2led; print(os.environ['OMP_WAIT_POLICY'])"],
+                          capture_output=True, text=True, env=env)
+    assert done.stdout.strip() == "ACTIVE"

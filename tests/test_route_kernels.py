@@ -1,4 +1,4 @@
-"""The compiled serving retrieval (route_kernels): history index, popcount, and the routes
+"""The compiled retrieval (route_kernels): the user state's chains, popcount, and the routes
 against the batch path's mixed_topk / disjoint_mixed_topk on random keys with many ties."""
 
 import numpy as np
@@ -6,29 +6,50 @@ import pytest
 import torch
 
 from r2led.models import route_kernels
-from r2led.models.retrieval import disjoint_mixed_topk, index_history, mixed_topk, prefix_ranks, recency_keys, route_positions, route_quota
+from r2led.models.retrieval import disjoint_mixed_topk, mixed_topk, prefix_ranks, recency_keys, route_quota
 from r2led.models.simhash import SimHash, popcount64
+from r2led.models.user_state import SignatureIndex
 
 
-def test_index_history_keeps_each_items_most_recent_positions_in_rank_order():
-    hist = torch.tensor([0, 5, 3, 5, 5, 3, 9])
-    mask = hist > 0
-    index = index_history(hist, mask)
-    assert index.items.tolist() == [3, 5, 9] and index.count.tolist() == [2, 3, 1]
-    assert [index.positions[s : s + c].tolist() for s, c in zip(index.start, index.count)] == [[5, 2], [4, 3, 1], [6]]
-    assert index.last.tolist() == [5, 4, 6]
-    ranked = index_history(hist, mask, rank=torch.tensor([0, 0, 0, 9, 0, 5, 0, 0, 0, 1]))
-    assert ranked.items.tolist() == [9, 5, 3] and ranked.rank.tolist() == [1, 5, 9]
-    assert [ranked.positions[s : s + c].tolist() for s, c in zip(ranked.start, ranked.count)] == [[6], [4, 3, 1], [5, 2]]
-    empty = index_history(hist, torch.zeros_like(mask))
-    assert len(empty.items) == 0 and len(empty.positions) == 0
+def test_chain_items_lists_each_items_positions_most_recent_first():
+    hist = np.array([5, 3, 5, 5, 3, 9], np.int64)
+    slot_of = np.full(10, -1, np.int64)
+    slot_item, slot_last, prev = (np.empty(6, np.int64) for _ in range(3))
+    u = route_kernels.chain_items(hist, slot_of, slot_item, slot_last, prev)
+    assert u == 3 and slot_item[:u].tolist() == [5, 3, 9] and slot_last[:u].tolist() == [3, 4, 5]
+    chains = []
+    for s in range(u):
+        p, chain = slot_last[s], []
+        while p >= 0:
+            chain.append(int(p))
+            p = prev[p]
+        chains.append(chain)
+    assert chains == [[3, 2, 0], [4, 1], [5]]
+    assert (slot_of == -1).all()  # left as it was given, for reuse
 
 
-def test_index_history_names_an_item_outside_the_table():
-    with pytest.raises(ValueError, match="outside 0..9"):
-        index_history(torch.tensor([1, 12]), torch.tensor([True, True]), rank=torch.zeros(10, dtype=torch.long))
-    with pytest.raises(ValueError, match="outside"):
-        index_history(torch.tensor([1, -3]), torch.tensor([True, True]))
+def test_signature_index_appends_like_a_fresh_build():
+    rank = np.array([0, 7, 3, 3, 1, 9], np.int64)
+    hist = np.array([1, 2, 1, 4], np.int64)
+    grown = SignatureIndex(hist[:1], rank)
+    for pos, item in enumerate(hist[1:].tolist(), start=1):
+        grown.append(pos, item, 1)
+    fresh = SignatureIndex(hist, rank)
+    for index in (grown, fresh):
+        items = index.slot_item.view()[index.order]
+        assert items.tolist() == [4, 2, 1] and index.order_rank.tolist() == [1, 3, 7]
+        assert index.slot_last.view()[index.order].tolist() == [3, 1, 2] and index.prev.view().tolist() == [-1, -1, 0, -1]
+
+
+def test_chain_keys_walk_the_most_recent_positions_per_key():
+    keys = np.array([2, 1, 2, 2, 0, 1], np.int64)
+    last_of, prev = np.full(3, -1, np.int64), np.empty(6, np.int64)
+    route_kernels.chain_keys(keys, last_of, prev)
+    out, n = np.zeros((3, 2), np.int64), np.empty(3, np.int64)
+    route_kernels.walk_chains(last_of, prev, np.array([2, 1, 0], np.int64), 2, 0, out, n)
+    assert n.tolist() == [2, 2, 0] and out[:2].tolist() == [[3, 2], [5, 1]]  # key 0 never matches
+    route_kernels.walk_chains(last_of, prev, np.array([2, 1], np.int64), 5, 2, out, n)  # the window from position 2
+    assert n.tolist()[:2] == [2, 1] and out[0, :2].tolist() == [1, 0] and out[1, 0] == 3
 
 
 def test_compiled_popcount_matches_popcount64_including_the_sign_bit():
@@ -39,7 +60,7 @@ def test_compiled_popcount_matches_popcount64_including_the_sign_bit():
 
 @pytest.mark.parametrize("disjoint", [True, False])
 @pytest.mark.parametrize("k,rho", [(5, 0.6), (4, 1.0), (6, 0.0), (1, 0.5)])
-def test_route_positions_equal_the_batch_path_on_random_signatures_and_tokens(disjoint, k, rho):
+def test_state_routes_equal_the_batch_path_on_random_signatures_and_tokens(disjoint, k, rho):
     rng = np.random.default_rng(k)
     n_items, t, c = 60, 400, 25
     sigs = torch.from_numpy(rng.integers(-(2**63), 2**63 - 1, (n_items + 1, 1)))
@@ -49,9 +70,11 @@ def test_route_positions_equal_the_batch_path_on_random_signatures_and_tokens(di
     rank, span = prefix_ranks(tokens)
     hist = torch.from_numpy(rng.integers(1, n_items + 1, t))
     target = torch.from_numpy(rng.integers(1, n_items + 1, c))
-    index = index_history(hist, torch.ones(t, dtype=torch.bool), rank)
-    items = torch.from_numpy(index.items)
-    got, got_taken = route_positions(sigs[target], sigs[items], index, t, k, route_quota(k, rho), 3, span[target], disjoint)
+    index = SignatureIndex(hist.numpy(), rank.numpy())
+    words = sigs.numpy().view(np.uint64)
+    for _ in range(2):  # the stamps kept between requests must not leak into the next one
+        out, n = index.routes(words[target.numpy()], words, 0, span[target].numpy(), k, route_quota(k, rho), 3, disjoint)
+    got, got_taken = torch.from_numpy(out), torch.from_numpy(np.arange(k) < n[..., None])
 
     similarity = 64 - SimHash.hamming(sigs[hist].unsqueeze(0), sigs[target].unsqueeze(1))  # (C, T)
     keys = recency_keys(similarity, torch.ones(c, t, dtype=torch.bool))

@@ -345,21 +345,18 @@ def test_missing_data_package_names_the_install_command(monkeypatch):
         load_ml100k()
 
 
-def test_failed_rename_puts_the_old_store_back(tmp_path, monkeypatch):
-    from pathlib import Path
+def test_failed_publication_keeps_the_old_store_and_leaves_no_work_files(tmp_path, monkeypatch):
+    import r2led.atomic
 
     out = tmp_path / "s"
     build_store(tiny_tables(), out, Protocol(min_history=0))
-    real_rename = Path.rename
 
-    def rename(self, target):
-        if self.name.startswith(".s.tmp-"):
-            raise OSError("cross-device link")
-        return real_rename(self, target)
+    def publish(tmp, target):
+        raise OSError("cross-device link")
 
-    monkeypatch.setattr(Path, "rename", rename)
+    monkeypatch.setattr(r2led.atomic, "publish_folder", publish)
     with pytest.raises(OSError, match="cross-device"):
-        build_store(tiny_tables(), out, Protocol(min_history=1), force=True)
+        build_store(tiny_tables(), out, Protocol(min_history=1), force=True, chunk_rows=2)
     assert LifelongStore(out).manifest["protocol"]["min_history"] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
 
@@ -370,3 +367,45 @@ def test_ml100k_age_groups_are_right_closed_buckets_and_keep_a_missing_age():
     ages = pl.DataFrame({"age": [None, 1, 17, 18, 24, 25, 55, 56]}, schema={"age": pl.Int64})
     got = ages.select(_age_group(pl.col("age"), [17, 24, 34, 44, 49, 55]).alias("group"))["group"].to_list()
     assert got == [None, "(-inf, 17]", "(-inf, 17]", "(17, 24]", "(17, 24]", "(24, 34]", "(49, 55]", "(55, inf]"]
+
+
+def test_history_gathered_in_small_row_blocks_is_the_same(synthetic_store, monkeypatch):
+    import r2led.data.store as store_module
+
+    s = synthetic_store
+    idx = np.arange(0, s.samples.height, 7)
+    user, pos = s.sample_arrays["user"][idx], s.sample_arrays["pos"][idx]
+    whole = s.history(user, pos, t_max=40)
+    monkeypatch.setattr(store_module, "_GATHER_TOKENS", 50)  # about one row per block
+    blocks = s.history(user, pos, t_max=40)
+    for name in ("items", "signal", "mask", "length"):
+        assert np.array_equal(getattr(whole, name), getattr(blocks, name)), name
+    for r in range(0, len(idx), 13):  # and each row is the user's sequence just before pos
+        n = int(whole.length[r])
+        seq = s.user_sequence(int(user[r]))[0][max(0, int(pos[r]) - 40) : int(pos[r])]
+        assert whole.items[r, whole.items.shape[1] - n :].tolist() == seq.tolist()
+
+
+def test_token_budget_bounds_evaluation_batches_and_keeps_their_order():
+    lengths = np.array([1, 2, 2, 3, 50, 60, 60, 200, 5000, 7])
+    batches = batch_order(lengths, batch_size=4, shuffle=False, seed=0, max_tokens=120)
+    assert np.concatenate(batches).tolist() == list(range(len(lengths)))  # every sample once, in order
+    for b in batches:
+        assert len(b) <= 4
+        assert len(b) == 1 or len(b) * max(int(lengths[b].max()), 1) <= 120
+    assert [b.tolist() for b in batches] == [[0, 1, 2, 3], [4, 5], [6], [7], [8], [9]]
+    assert len(batch_order(lengths, 4, False, 0)) == 3  # no budget: plain slices of 4
+
+
+def test_sample_view_reads_only_the_given_rows(tmp_path):
+    tables = load_synthetic(users=50, length=40, items=200, seed=2)
+    store = build_store(tables, tmp_path / "s", Protocol(min_history=1), chunk_rows=300)  # many row groups
+    full = store.samples
+    view = store.sample_view([(5, 17), (100, 100), (250, 260)])
+    assert view.samples.equals(pl.concat([full.slice(5, 12), full.slice(250, 10)]))
+    assert view.sample_arrays["rank"].tolist() == full["rank"].to_list()[5:17] + full["rank"].to_list()[250:260]
+    assert view.offsets is store.offsets  # sequences shared
+    assert store.samples.height == full.height  # the original is untouched
+    fresh = LifelongStore(store.root).sample_arrays  # read row group by row group
+    for c in full.columns:
+        assert fresh[c].dtype == full[c].to_numpy().dtype and np.array_equal(fresh[c], full[c].to_numpy()), c

@@ -1,7 +1,7 @@
-"""Speed benchmark: serving latency, training throughput and peak memory against history length.
+"""Speed benchmark: serving cost, training throughput and memory against history length.
 
 Everything runs in ONE process on synthetic data, and the measurements are interleaved: every
-timed round makes one call for every (model, length) pair, so that changes of load on the
+timed round makes one call for every (contender, length) pair, so that changes of load on the
 machine hit every model and every length alike (see ``Phase``).
 
 - **Data.** A catalogue of ``items`` items whose 3-level SID codes (16 x 16 x 16) come from a
@@ -9,31 +9,30 @@ machine hit every model and every length alike (see ``Phase``).
   and level-3 prefixes; three user features; signal values 1..5. Histories of length T are
   drawn per user from a few top topics (Dirichlet weights), Zipf-skewed inside a topic, with
   10 % exploration over the whole catalogue: so a long history repeats items, as real ones do.
-- **Serving latency.** One request = one user's history of length T scored against
-  ``candidates`` items: a batch of ``candidates`` rows that share ONE history tensor
-  (``expand``, falling back to a copy for a model that cannot take it), ``torch.no_grad()``,
-  eval mode, per-item caches warm (R2LED's SimHash signatures). Warm-up requests, then the
-  median and p95 over ``repeats`` requests (different users, the same ones for every model).
+- **Serving.** One request = one user's history of length T scored against ``candidates``
+  items through the model's request API (``model.score_request(state, candidates)``,
+  ``r2led.models.user_state``), each model through its best honest path. Contenders:
+  *warm* (the model's name; the user state built before and kept), *cold* (``"<model>
+  (cold)"``: the state built inside the request), the *strawman* (``"<model> (batch path)"``:
+  the batch path on C rows sharing the history, how serving was timed before the request API;
+  for the models in ``strawman``, up to ``strawman_max_t``) and the *floor* (``Floor``: R2LED's
+  state scan and refinement products timed alone). Warm-up requests, then the median and p95
+  of wall and CPU time over ``repeats`` requests (different users where memory allows).
 - **Training throughput.** Samples/s of forward + backward + Adam step on a batch of
-  ``train_batch`` samples, each with its own history of length T; a warm-up step, then
-  ``train_steps`` timed steps (median).
+  ``train_batch`` samples, each with its own history of length T (T <= 100,000); a warm-up
+  step, then ``train_steps`` timed steps (median).
 - **Peak memory.** The extra bytes torch allocates during one request (or one training step)
-  beyond what existed before it: the peak of the running sum of the CPU allocator's
-  allocation/free events recorded by ``torch.profiler`` (``profile_memory=True``), measured
-  on a separate, untimed call. Parameters, optimizer state, caches and the input tensors
-  exist before and are not counted. Plus the peak of what numpy and Python allocate meanwhile
-  (``tracemalloc``): R2LED's serving retrieval keeps its history index and working arrays in
-  numpy (its compiled kernels allocate nothing themselves). The sum of the two peaks bounds
-  the request's peak from above.
-- **Limits.** Before a model runs at a length, its memory and time are extrapolated linearly
-  in T from the largest length already measured (a small calibration length first); a run
-  needing more than ``memory_limit_gb`` or more than ``time_limit_s`` per call is not run, and
-  the reason ("not run: needs ~21.3 GB > 8 GB limit") is recorded. An out-of-memory error is
-  caught and recorded the same way; a call slower than the time limit stops that model's
-  repeats and its larger lengths. Nothing is skipped silently.
+  beyond what existed before it (``torch.profiler`` allocation events) plus the peak of numpy
+  and Python allocations (``tracemalloc``), on a separate, untimed call; and one user's kept
+  state with the model's index (``state_mb``).
+- **Limits.** Before a contender runs at a length, its memory (its users' states included) and
+  time are extrapolated linearly in T from the largest length already measured (a small
+  calibration length first); a run needing more than ``memory_limit_gb`` or more than
+  ``time_limit_s`` per call is not run, and the reason is recorded. Nothing is skipped silently.
 
-Outputs in ``out``: ``speed.json``, ``speed.md`` (figures and ratios to R2LED at the same T,
-machine, command, date, target checks), ``latency.png``; a table in the terminal.
+Outputs in ``out``: ``speed.json``, ``speed.md`` (a result document: what and how, headline
+ratios, tables, caveats), ``latency.png`` (log-log, warm and cold lines); a table in the
+terminal. A report prints figures and ratios; it grades nothing.
 """
 
 from __future__ import annotations
@@ -55,11 +54,13 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
-from r2led.bench.speed_measure import BATCH_PATH, Contender, Entry, Phase, calibrate, retrieval_float_check  # noqa: E402
-from r2led.bench.speed_report import _write_json, command_line, machine_info, print_summary, target_checks, write_reports  # noqa: E402
+from r2led.bench.speed_measure import FLOOR, MODES, Contender, Entry, Floor, Phase, calibrate, retrieval_float_check  # noqa: E402
+from r2led.bench.speed_report import _write_json, command_line, machine_info, print_summary, write_reports  # noqa: E402
 from r2led.bench.speed_workload import BRANCHING, REFERENCE, bench_model_config, make_workload, synthetic_catalogue  # noqa: E402
 from r2led.errors import ConfigError  # noqa: E402
 from r2led.models.registry import MODELS, build_model  # noqa: E402
+
+STRAWMAN = ("r2led", "sim-hard", "eta")  # also timed through their batch path (the old way)
 
 # Re-exported: the tests import these from r2led.bench.speed.
 from r2led.bench.speed_measure import FloatTensorSizes, peak_allocated  # noqa: E402, F401
@@ -82,14 +83,16 @@ def run_speed(
     threads: int = 2,
     memory_limit_gb: float = 8.0,
     time_limit_s: float = 10.0,
-    batch_path_variant: bool = True,
+    strawman: Sequence[str] = STRAWMAN,
+    strawman_max_t: int = 100_000,
     console: Console | None = None,
 ) -> dict:
     """Measure every model at every length (see the module docstring); write the reports.
 
-    ``batch_path_variant`` also times R2LED with the history copied per candidate, i.e.
-    without its shared-history serving path, so the report shows what that path buys.
-    Returns the content of ``speed.json``.
+    Every model is served warm and cold through its request API (``score_request``); the
+    models in ``strawman`` are also timed through their batch path on C rows sharing the
+    history (what this benchmark timed before the request API), up to ``strawman_max_t``;
+    the floor is timed in the same rounds. Returns the content of ``speed.json``.
     """
     models = check_models(models)
     lengths = check_lengths(lengths)
@@ -106,7 +109,7 @@ def run_speed(
     try:
         report = _run(
             lengths, models, candidates, repeats, train_batch, items, seed, warmup, train_steps,
-            memory_limit_gb * 2**30, time_limit_s, batch_path_variant, console, out,
+            memory_limit_gb * 2**30, time_limit_s, [m for m in strawman if m in models], strawman_max_t, console, out,
         )  # fmt: skip
     finally:
         torch.set_num_threads(previous_threads)
@@ -114,26 +117,30 @@ def run_speed(
         "lengths": lengths, "models": models, "candidates": candidates, "repeats": repeats, "warmup": warmup,
         "train_batch": train_batch, "train_steps": train_steps, "items": items, "seed": seed,
         "memory_limit_gb": memory_limit_gb, "time_limit_s": time_limit_s, "sid_codebooks": list(BRANCHING),
+        "strawman": [m for m in strawman if m in models], "strawman_max_t": strawman_max_t,
         "model_configs": {m: bench_model_config(m).model_dump() for m in models},
     }  # fmt: skip
     report["machine"] = machine_info(threads, load_before)
-    report["command"] = command_line(lengths, models, out, candidates, repeats, train_batch, items, seed, memory_limit_gb, time_limit_s)
+    used = [m for m in strawman if m in models]
+    report["command"] = command_line(lengths, models, out, candidates, repeats, train_batch, items, seed, memory_limit_gb, time_limit_s, used, strawman_max_t)
     report["date"] = started.isoformat(timespec="seconds")
-    report["checks"] = target_checks(report, candidates)
     write_reports(report, out)
     print_summary(report, console)
     return report
 
 
-def _run(lengths, models, candidates, repeats, train_batch, items, seed, warmup, train_steps, memory_limit, time_limit, variant, console, out) -> dict:
+def _run(lengths, models, candidates, repeats, train_batch, items, seed, warmup, train_steps, memory_limit, time_limit, strawman, strawman_max_t, console, out) -> dict:
     cat = synthetic_catalogue(items, seed)
     contenders = []
     for name in models:
         torch.manual_seed(seed)
         model = build_model(bench_model_config(name), cat.spec, cat.sid)
-        contenders.append(Contender(name, model, torch.optim.Adam(model.parameters(), lr=1e-3)))
-        if variant and name == REFERENCE:
-            contenders.append(Contender(BATCH_PATH, model, None, shared=False))
+        contenders.append(Contender(name, model, torch.optim.Adam(model.parameters(), lr=1e-3), "warm"))
+        contenders.append(Contender(MODES["cold"].format(name), model, None, "cold"))
+        if name in strawman:
+            contenders.append(Contender(MODES["batch"].format(name), model, None, "batch", max_t=strawman_max_t))
+        if name == REFERENCE:
+            contenders.append(Contender(FLOOR, None, None, "floor", floor=Floor(model)))
     results: dict[str, dict[str, Entry]] = {c.name: {str(t): Entry() for t in lengths} for c in contenders}
     n_requests = warmup + 1 + repeats
     serving = Phase("serving", warmup, repeats, memory_limit, time_limit)

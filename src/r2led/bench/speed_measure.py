@@ -1,5 +1,6 @@
 """The speed benchmark's measurements: peak memory, timing, limits extrapolated from shorter
-runs, and the interleaved serving and training phases (see ``Phase``).
+runs, the serving modes (warm, cold, batch path, floor), and the interleaved serving and
+training phases (see ``Phase``).
 
 What is measured, and how, is in the docstring of ``r2led.bench.speed``.
 """
@@ -19,11 +20,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from r2led.bench.speed_workload import REFERENCE, Catalogue, Workload, make_workload
+from r2led.bench.speed_workload import REFERENCE, TRAIN_T_MAX, Catalogue, Workload, make_workload
 from r2led.data.batches import Batch
 
 CALIBRATION_T = 32  # first, tiny length every model runs at, to extrapolate from
-BATCH_PATH = "r2led (copied history)"  # R2LED given the history copied per candidate (``run_speed``'s batch_path_variant)
+FLOOR = "floor"  # the unavoidable work alone (``Floor``)
+MODES = {
+    "warm": "{}",  # the request API on a state built and kept before the request
+    "cold": "{} (cold)",  # the request API on a state built inside the request
+    "batch": "{} (batch path)",  # the batch path on C rows sharing the history: what bench speed timed before
+}
 
 
 # ---- measurement primitives ----------------------------------------------------------------
@@ -113,7 +119,9 @@ class Entry:
     latency_ms_p95: float | None = None
     cpu_ms_p50: float | None = None  # process CPU time per request (all threads)
     latency_repeats: int = 0
-    history_input: str | None = None  # "shared" (expand-ed view) or "copied" (one copy per row)
+    mode: str | None = None  # "warm", "cold", "batch" or "floor"
+    state_mb: float | None = None  # memory of one user's kept state (warm mode), the model's index included
+    append_us: float | None = None  # median time of one append to a kept state (warm mode), its index included
     peak_mb: float | None = None  # extra memory of one request
     train_samples_per_s: float | None = None
     train_step_ms: float | None = None
@@ -131,14 +139,103 @@ class Entry:
 
 @dataclass
 class Contender:
-    """A model under test, with its optimizer and what its runs so far predict."""
+    """A model (or the floor) in one serving mode, with its optimizer when its training is
+    measured, and what its runs so far predict."""
 
-    name: str
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer | None  # None: serving only (a variant of another model)
-    shared: bool | None = None  # takes expand-ed histories; decided on its first request
+    name: str  # as reported: "sim-hard", "sim-hard (cold)", "sim-hard (batch path)", "floor"
+    model: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer | None  # None: serving only
+    mode: str = "warm"
+    max_t: int | None = None  # longest history it is run at (the batch path's strawman stops early)
+    floor: "Floor | None" = None
     serve: Track = field(default_factory=Track)
     train: Track = field(default_factory=Track)
+
+    def request(self, work: Workload, i: int) -> object:
+        """One serving request ``i`` of ``work`` in this contender's mode."""
+        hist, signal, feats, cands = work.requests[i % len(work.requests)]
+        if self.mode == "floor":
+            return self.floor.call(work, i)
+        if self.mode == "warm":
+            return self.model.score_request(work.state(i), cands)
+        if self.mode == "cold":
+            return self.model.score_request(self.model.new_user_state(hist, signal, feats), cands)
+        with torch.inference_mode():
+            return self.model(work.request(i, shared=True))
+
+    def append_seconds(self, work: Workload, n: int = 200) -> float:
+        """Median time of one ``UserState.append`` to a state of this length with the model's
+        index built (warm mode); the state is a copy, so the requests' states stay at length T."""
+        hist, signal, feats, cands = work.requests[0]
+        state = self.model.new_user_state(hist, signal, feats)
+        self.model.score_request(state, cands)  # builds the index, which every append updates
+        items, signals = work.requests[1 % len(work.requests)][0][:n], work.requests[1 % len(work.requests)][1][:n]
+        times = []
+        for item, sig in zip(items.tolist(), signals.tolist()):
+            start = time.perf_counter()
+            state.append(item, sig)
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
+
+    def state_bytes(self, work: Workload) -> int:
+        """One user's kept state with this model's index (warm mode), in bytes."""
+        if self.mode != "warm":
+            return 0
+        state = work.state(0)
+        self.model.score_request(state, work.requests[0][3])  # the index is built on first use
+        index = state.index_for(self.model)
+        own = state.items.nbytes + state.signals.nbytes + state.counts.nbytes
+        return own + (index.nbytes() if index is not None else 0)
+
+
+class Floor:
+    """The unavoidable work of one R2LED request, timed alone: one pass over the user's
+    state (the popcount of every candidate against every distinct item's signature,
+    ``route_kernels.scan_similarities``) and the refinement's dense products (DIN's unit over
+    the R k route slots and the short window, the route fusion and the head) on inputs
+    gathered beforehand. No retrieval logic, no gathering, no Python beyond the calls."""
+
+    def __init__(self, model):
+        self.model = model
+        self._inputs: dict[tuple[int, int], tuple] = {}
+
+    def prepare(self, work: Workload, i: int) -> tuple:
+        key = (work.t, i % len(work.requests))
+        if key not in self._inputs:
+            m = self.model
+            _, _, _, cands = work.requests[i % len(work.requests)]
+            state = work.state(i)
+            cand = torch.from_numpy(cands)
+            with torch.inference_mode():
+                m.score_request(state, cands)
+                index = state.index_for(m)
+                words = m._signature_words()
+                slot_sig = index.signatures(words, m.cache_generation)
+                positions, taken = m.request_routes(state, cand)
+                items, signals = m.serving_tables()
+                hist, sig = torch.from_numpy(state.items), torch.from_numpy(state.signals)
+                flat = positions.view(-1)
+                r_kv = (items[hist[flat]] + signals[sig[flat]]).view(*positions.shape, -1).contiguous()
+                n_s = min(m.cfg.short_len, len(state))
+                s_kv = (items[hist[len(hist) - n_s :]] + signals[sig[len(hist) - n_s :]]).expand(len(cand), -1, -1).contiguous()
+                user = m.request_user_repr(state, len(cand)).contiguous()
+            self._inputs[key] = (words[cands], np.ascontiguousarray(slot_sig), items[cand].contiguous(), r_kv, taken, s_kv, user)
+        return self._inputs[key]
+
+    def call(self, work: Workload, i: int):
+        from r2led.models import route_kernels
+
+        target_sig, slot_sig, target, r_kv, taken, s_kv, user = self.prepare(work, i)
+        m = self.model
+        sims = np.empty(len(slot_sig), np.int64)
+        route_kernels.scan_similarities(target_sig, slot_sig, sims)
+        with torch.inference_mode():
+            routes, mass = m._serve_attention(m.route_attention, target, r_kv, taken, m.cfg.route_mass)
+            s_mask = torch.ones(s_kv.shape[:2], dtype=torch.bool)
+            r_short, _ = m._serve_attention(m.short_attention, target, s_kv, s_mask)
+            t = target[:, :-1]
+            z = m.route_fusion(t, routes, taken.any(-1), mass)
+            return m.head(torch.cat([user, t, z, r_short, t * z], dim=-1))
 
 
 class FloatTensorSizes:
@@ -173,12 +270,12 @@ def calibrate(contenders: list[Contender], cat: Catalogue, candidates: int, batc
     """Every model runs once at a tiny length, to extrapolate its first real run from."""
     work = make_workload(cat, CALIBRATION_T, 1, candidates, batch, seed)
     for c in contenders:
-        c.model.eval()
+        if c.model is not None:
+            c.model.eval()
         try:
-            with torch.no_grad():
-                c.shared = _decide_shared(c, work)
-                (_, peak), seconds = _timed(lambda: peak_allocated(lambda: c.model(work.request(0, c.shared))))
-            c.serve.t, c.serve.peak, c.serve.seconds = work.t, peak, seconds
+            c.request(work, 0)  # compiles, fills caches
+            (_, peak), seconds = _timed(lambda: peak_allocated(lambda: c.request(work, 0)))
+            c.serve.t, c.serve.peak, c.serve.seconds = work.t, peak + c.state_bytes(work) * len(work.users), seconds
         except Exception as exc:  # noqa: BLE001 - the model is reported as not run, the others go on
             c.serve.stopped = _failure(exc, work.t)
         if c.optimizer is not None:
@@ -189,17 +286,7 @@ def calibrate(contenders: list[Contender], cat: Catalogue, candidates: int, batc
                 c.train.t, c.train.peak, c.train.seconds = work.t, peak, seconds
             except Exception as exc:  # noqa: BLE001
                 c.train.stopped = _failure(exc, work.t)
-
-
-def _decide_shared(c: Contender, work: Workload) -> bool:
-    """Whether the model takes a history shared by all candidate rows (an expand-ed view)."""
-    if c.shared is not None:
-        return c.shared
-    try:
-        c.model(work.request(0, shared=True))
-        return True
-    except RuntimeError:  # e.g. an in-place write into the history: give it copies
-        return False
+            c.model.eval()
 
 
 def _timed(fn: Callable[[], object]) -> tuple[object, float]:
@@ -250,8 +337,7 @@ class Phase:
     def call(self, c: Contender, work: Workload, i: int) -> None:
         """Request ``i`` (serving) or one training step (training)."""
         if self.kind == "serving":
-            with torch.no_grad():
-                c.model(work.request(i, c.shared))
+            c.request(work, i)
         else:
             train_step(c.model, c.optimizer, work.train)
 
@@ -263,7 +349,8 @@ class Phase:
 
     def run(self, contenders: list[Contender], workloads: dict[int, Workload], results: dict, progress, task) -> None:
         for c in contenders:
-            c.model.train(self.kind == "training")
+            if c.model is not None:
+                c.model.train(self.kind == "training")
         pairs = []  # (contender, length, workload, wall times, cpu times)
         for t, work in workloads.items():  # ascending: each run extrapolates from the last
             for c in filter(self.takes, contenders):
@@ -338,6 +425,10 @@ class Phase:
         """Warm-up calls and the memory probe; False (with the reason recorded) if not run."""
         track = self.track(c)
         reason = track.refuse(work.t, self.memory_limit, self.time_limit)
+        if not reason and self.kind == "serving" and c.max_t is not None and work.t > c.max_t:
+            reason = f"not run: the strawman is timed up to T={c.max_t:,} only"
+        if not reason and self.kind == "training" and work.t > TRAIN_T_MAX:
+            reason = f"not run: training is measured up to T={TRAIN_T_MAX:,} (a batch of histories that long would not fit)"
         if reason:
             self._skip(entry, reason)
             progress.advance(task, self.units)
@@ -352,6 +443,13 @@ class Phase:
                     raise _TooSlow(took)
             _, peak = peak_allocated(lambda: self.call(c, work, self.warmup))
             progress.advance(task)
+            state = c.state_bytes(work) if self.kind == "serving" else 0
+            if self.kind == "serving" and c.mode == "warm":  # every user's state is built before the timed rounds
+                for i in range(len(work.users)):
+                    c.request(work, i)
+            if self.kind == "serving" and c.mode == "floor":  # the floor's inputs are gathered untimed
+                for i in range(len(work.requests)):
+                    c.floor.prepare(work, i)
         except _TooSlow as slow:
             track.stopped = f"not run: a warm-up call took {slow.seconds:.1f} s > {self.time_limit:g} s limit at T={work.t:,}"
         except Exception as exc:  # noqa: BLE001 - recorded in the report, the other models go on
@@ -361,10 +459,12 @@ class Phase:
             self._skip(entry, track.stopped)
             progress.advance(task, self.rounds + 1)
             return False
-        track.t, track.peak, track.seconds = work.t, peak, seconds
+        track.t, track.peak, track.seconds = work.t, peak + state * len(work.users), seconds
         if self.kind == "serving":
             entry.peak_mb = peak / 2**20
-            entry.history_input = "shared" if c.shared else "copied"
+            entry.mode = c.mode
+            entry.state_mb = state / 2**20 if c.mode == "warm" else None
+            entry.append_us = c.append_seconds(work) * 1e6 if c.mode == "warm" else None
         else:
             entry.train_peak_mb = peak / 2**20
         return True
@@ -372,20 +472,22 @@ class Phase:
 
 def retrieval_float_check(contenders, cat: Catalogue, lengths: list[int], results: dict, candidates: int, seed: int) -> dict | None:
     """The largest float tensor R2LED builds for one request at the longest length it ran:
-    in its retrieval, and in the whole request."""
+    in its retrieval, and in the whole request (warm state)."""
     ref = next((c for c in contenders if c.name == REFERENCE), None)
     ran = [t for t in lengths if results.get(REFERENCE, {}).get(str(t)) and results[REFERENCE][str(t)].latency_ms_p50 is not None]
     if ref is None or not ran:
         return None
     t = max(ran)
-    request = make_workload(cat, t, 1, candidates, 1, seed).request(0, shared=True)
+    work = make_workload(cat, t, 1, candidates, 1, seed)
+    hist, signal, feats, cands = work.requests[0]
     ref.model.eval()
-    with torch.no_grad():
-        ref.model(request)  # the per-item caches a server keeps (signatures, tables), filled
+    state = ref.model.new_user_state(hist, signal, feats)
+    ref.model.score_request(state, cands)  # the per-item caches and the user's index, filled
+    with torch.inference_mode():
         with FloatTensorSizes() as in_retrieval:
-            ref.model.retrieve_routes(request.target, request.hist_items, request.hist_mask)
-        with FloatTensorSizes() as in_request:
-            ref.model(request)
+            ref.model.request_routes(state, torch.from_numpy(cands))
+    with FloatTensorSizes() as in_request:
+        ref.model.score_request(state, cands)
     return {
         "t": t,
         "candidates": candidates,

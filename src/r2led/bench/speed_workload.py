@@ -7,7 +7,7 @@ What the data look like, and why, is in the docstring of ``r2led.bench.speed``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,12 +16,14 @@ from r2led.data.batches import Batch
 from r2led.errors import ConfigError
 from r2led.models.registry import model_config_class
 from r2led.models.spec import DataSpec
+from r2led.models.user_state import UserState
 from r2led.sid.table import SidTable
 
 REFERENCE = "r2led"  # the model every figure is compared with (ratios to it in the reports)
 BRANCHING = (16, 16, 16)  # SID codebook sizes per level (the hidden topic hierarchy)
 USER_FEATURES = [3, 8, 22]  # cardinalities incl. 0 = unknown (like gender, age, occupation)
 SIGNAL_SIZE = 6  # ratings 1..5, 0 = padding
+TRAIN_T_MAX = 100_000  # training batches hold at most this many behaviours per sample
 
 
 # ---- synthetic data ------------------------------------------------------------------------
@@ -160,27 +162,49 @@ def training_batch(hist: np.ndarray, signal: np.ndarray, feats: np.ndarray, targ
 
 @dataclass
 class Workload:
-    """The inputs at one history length, the same for every model."""
+    """The inputs at one history length, the same for every model: requests (a user's history
+    and candidates), the users' kept states (built on first use, shared by the models: each
+    model keeps its own index in a state) and a training batch."""
 
     t: int
+    users: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # hist, signal, feats
     requests: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]  # hist, signal, feats, candidates
     train: Batch
     distinct_items: float  # mean distinct items in a request's history
+    spec: object = None
+    _states: dict = field(default_factory=dict)
 
     def request(self, i: int, shared: bool) -> Batch:
+        """Request ``i`` as a batch: C rows holding the user's history (the batch path's input)."""
         hist, signal, feats, candidates = self.requests[i % len(self.requests)]
         return request_batch(hist, signal, feats, candidates, user=i, shared=shared)
 
+    def state(self, i: int) -> UserState:
+        """The kept state of request ``i``'s user."""
+        u = (i % len(self.requests)) % len(self.users)
+        if u not in self._states:
+            hist, signal, feats = self.users[u]
+            spec = self.spec
+            self._states[u] = UserState(hist, signal, feats, spec.n_items, spec.signal_size, len(spec.user_feature_sizes))
+        return self._states[u]
+
+
+USERS_BUDGET = 4_000_000  # behaviours held per length: long histories come from fewer users
+
 
 def make_workload(cat: Catalogue, t: int, n_requests: int, candidates: int, train_batch: int, seed: int) -> Workload:
+    """``n_requests`` requests from min(n_requests, max(2, 4M / t)) users (their histories are
+    held in memory with every model's state), each with its own candidates."""
     rng = np.random.default_rng([seed, t])
-    hist, signal, feats, interests = synthetic_histories(cat, n_requests, t, rng)
-    requests = [(hist[i], signal[i], feats[i], draw_candidates(cat, interests[i], candidates, rng)) for i in range(n_requests)]
+    n_users = min(n_requests, max(2, USERS_BUDGET // t))
+    hist, signal, feats, interests = synthetic_histories(cat, n_users, t, rng)
+    users = [(hist[u], signal[u], feats[u]) for u in range(n_users)]
+    requests = [(*users[i % n_users], draw_candidates(cat, interests[i % n_users], candidates, rng)) for i in range(n_requests)]
     distinct = float(np.mean([len(np.unique(h)) for h in hist]))
-    hist, signal, feats, interests = synthetic_histories(cat, train_batch, t, rng)
+    hist, signal, feats, interests = synthetic_histories(cat, train_batch, min(t, TRAIN_T_MAX), rng)
     targets = np.array([draw_candidates(cat, interests[i], 2, rng)[i % 2] for i in range(train_batch)])
     labels = (rng.random(train_batch) < 0.3).astype(np.float32)
-    return Workload(t, requests, training_batch(hist, signal, feats, targets, labels), distinct)
+    return Workload(t, users, requests, training_batch(hist, signal, feats, targets, labels), distinct, cat.spec)
 
 
 # ---- models --------------------------------------------------------------------------------

@@ -58,11 +58,19 @@ def batch_order(
     shuffle: bool,
     seed: int,
     bucket: int = 32,
+    max_tokens: int | None = None,
 ) -> list[np.ndarray]:
-    """Positions into ``lengths`` grouped into batches (bucketed by length when shuffling)."""
+    """Positions into ``lengths`` grouped into batches (bucketed by length when shuffling).
+
+    ``max_tokens`` (unshuffled only, e.g. evaluation): a batch also ends before its
+    ``size x longest history`` would exceed it, so that batch memory is bounded whatever
+    ``T_max`` is (a batch holds at least one sample).
+    """
     n = len(lengths)
     if not shuffle:
-        return [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+        if max_tokens is None:
+            return [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+        return _token_bounded(np.asarray(lengths), batch_size, max_tokens)
     rng = np.random.default_rng(seed)
     perm = rng.permutation(n)
     chunk = batch_size * max(bucket, 1)
@@ -75,12 +83,26 @@ def batch_order(
     return [batches[i] for i in order]
 
 
+def _token_bounded(lengths: np.ndarray, batch_size: int, max_tokens: int) -> list[np.ndarray]:
+    """Consecutive batches of at most ``batch_size`` samples and ``max_tokens`` padded tokens."""
+    batches, i, n = [], 0, len(lengths)
+    while i < n:
+        part = lengths[i : i + batch_size]
+        width = np.maximum(np.maximum.accumulate(part), 1)  # (b,) padded width with the first j+1 samples
+        fits = width * np.arange(1, len(part) + 1) <= max_tokens
+        size = len(part) if fits.all() else max(1, int(np.argmin(fits)))  # up to the first that does not fit
+        batches.append(np.arange(i, i + size))
+        i += size
+    return batches
+
+
 class BatchIterator:
     """Iterates a split (or any index array) of a store as ``Batch`` objects.
 
     ``rank``/``world`` shard the batches for distributed training: every process sees the
     same batch order (same seed) and takes every ``world``-th batch, so shards are disjoint
     and, with ``drop_uneven``, equal in number (DDP needs equal step counts).
+    ``max_tokens`` bounds unshuffled batches by ``size x longest history`` (evaluation).
     """
 
     def __init__(
@@ -95,16 +117,18 @@ class BatchIterator:
         rank: int = 0,
         world: int = 1,
         drop_uneven: bool = False,
+        max_tokens: int | None = None,
     ):
         self.store, self.sample_idx = store, np.asarray(sample_idx)
         self.batch_size, self.t_max = batch_size, t_max
         self.shuffle, self.seed, self.bucket = shuffle, seed, bucket
         self.rank, self.world, self.drop_uneven = rank, world, drop_uneven
+        self.max_tokens = max_tokens
         self.epoch = 0
 
     def _batches(self) -> list[np.ndarray]:
         lengths = self.store.history_lengths(self.sample_idx, self.t_max)
-        batches = batch_order(lengths, self.batch_size, self.shuffle, self.seed + self.epoch, self.bucket)
+        batches = batch_order(lengths, self.batch_size, self.shuffle, self.seed + self.epoch, self.bucket, self.max_tokens)
         if self.world > 1:
             if self.drop_uneven:
                 batches = batches[: len(batches) - len(batches) % self.world]

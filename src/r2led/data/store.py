@@ -16,233 +16,55 @@ On disk (one folder)::
 A sample is ``(user, pos)``: its history is the user's rows ``[offsets[u], offsets[u] + pos)``;
 batches slice the last ``T_max`` of them (see ``r2led.data.batches``). Sequences are memory-
 mapped, so memory grows with interactions, never with interactions x history length.
-The folder is written under a temporary name and renamed when complete.
+
+``build_store`` writes a store; the streaming writer itself is ``r2led.data.store_writer``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import os
-import shutil
-import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from r2led import __version__
-from r2led.atomic import publish_folder
-from r2led.data.protocol import SPLITS, Protocol, global_order, split_ids
-from r2led.data.tables import CanonicalTables
+from r2led.data.protocol import SPLITS, Protocol
 from r2led.errors import DataError
 
+if TYPE_CHECKING:
+    from r2led.data.tables import CanonicalTables
+
 MANIFEST = "manifest.json"
+_GATHER_TOKENS = 1 << 20  # history tokens gathered per block in LifelongStore.history
 STORE_FILES = ("samples.parquet", "items.parquet", "users.parquet", "vocab.json")  # besides seq_*.npy
 FORMAT_VERSION = 1
+# Manifest keys every reader relies on (a manifest without them is refused on load).
+MANIFEST_KEYS = ("name", "users", "items", "interactions", "samples", "split_users", "positive_rate", "history",
+                 "user_features", "categories", "tags", "max_tags", "signal_max")
 
 
-def _encode(values: pl.Series) -> tuple[np.ndarray, list[str]]:
-    """Categorical strings -> ints 1..V in sorted order (0 = unknown / empty)."""
-    vocab = sorted(v for v in values.unique().to_list() if v not in (None, ""))
-    codes = values.replace_strict(vocab, range(1, len(vocab) + 1), default=0, return_dtype=pl.Int64)
-    return codes.to_numpy(), vocab
+def build_store(
+    tables: "CanonicalTables",
+    out: str | Path,
+    protocol: Protocol | None = None,
+    force: bool = False,
+    chunk_rows: int = 1 << 22,
+) -> "LifelongStore":
+    """Encode canonical tables, apply the protocol and write a store folder atomically.
 
-
-def _key_rank(keys: pl.Series) -> np.ndarray:
-    """Sort rank of source keys: numeric order when every key is an integer, else string order."""
-    numeric = keys.cast(pl.Int64, strict=False)
-    values = numeric if numeric.null_count() == 0 else keys
-    return values.rank(method="dense").to_numpy().astype(np.int64)
-
-
-def _dense_ids(keys: pl.Series, table_keys: pl.Series) -> np.ndarray:
-    """(n,) int32 row of each key in its (unique-keyed) table; an Enum cast, fast for 10^7+ rows."""
-    try:
-        return keys.cast(pl.Enum(table_keys)).to_physical().to_numpy().astype(np.int32)
-    except Exception:  # e.g. categories polars cannot hold in an Enum: the slower exact path
-        index = dict(zip(table_keys.to_list(), range(len(table_keys))))
-        return keys.replace_strict(index, return_dtype=pl.Int32).to_numpy()
-
-
-def _used_key_rank(table_keys: pl.Series, ids: np.ndarray) -> np.ndarray:
-    """``_key_rank`` of the interactions' keys, computed once per distinct key.
-
-    Ranks are taken over the table keys that interactions use (so whether keys count as
-    numeric, and the dense ranks themselves, match ranking every interaction row), then
-    gathered per row: the same values as ``_key_rank(interactions[key])``.
+    Streaming and out of core (``r2led.data.store_writer.write_store``): the interactions may
+    be a ``pl.DataFrame`` or a ``pl.LazyFrame``; about ``chunk_rows`` rows are held in memory
+    at a time and the result does not depend on it.
     """
-    used = np.bincount(ids, minlength=len(table_keys)) > 0
-    per_key = np.zeros(len(table_keys), dtype=np.int64)
-    per_key[used] = _key_rank(table_keys.filter(pl.Series(used)))
-    return per_key[ids]
+    from r2led.data.store_writer import write_store
 
-
-def _stable_group(order: np.ndarray, group: np.ndarray) -> np.ndarray:
-    """``order`` stably regrouped by ``group[order]`` (ints in [0, 2**32)): LSD radix sort.
-
-    Equals ``np.lexsort((rank, group))`` when ``order`` sorts by ``rank``, at a fraction of the
-    time (numpy's stable sort of 16-bit keys is a radix sort).
-    """
-    keys = group[order]
-    perm = np.argsort((keys & 0xFFFF).astype(np.uint16), kind="stable")
-    if int(keys.max(initial=0)) >= 1 << 16:
-        perm = perm[np.argsort((keys[perm] >> 16).astype(np.uint16), kind="stable")]
-    return order[perm]
-
-
-def _history_stats(pos: np.ndarray) -> dict:
-    if len(pos) == 0:
-        return {"mean": 0.0, "p50": 0, "p90": 0, "max": 0}
-    return {
-        "mean": round(float(pos.mean()), 2),
-        "p50": int(np.percentile(pos, 50)),
-        "p90": int(np.percentile(pos, 90)),
-        "max": int(pos.max()),
-    }
-
-
-def build_store(tables: CanonicalTables, out: str | Path, protocol: Protocol | None = None, force: bool = False) -> "LifelongStore":
-    """Encode canonical tables, apply the protocol and write a store folder atomically."""
-    protocol = protocol or Protocol()
-    out = Path(out)
-    if (out / MANIFEST).exists() and not force:
-        raise DataError(f"{out} already holds a prepared store; pass force=True (--force) to replace it")
-    if out.exists() and not (out / MANIFEST).exists() and (not out.is_dir() or any(out.iterdir())):
-        # Replacing `out` deletes it: never do that to a file or folder that is not a store.
-        raise DataError(f"{out} exists and is not a prepared store (no {MANIFEST}); choose another --out folder")
-    t0 = time.perf_counter()
-    tables.validate()
-
-    # Dense ids: users 0..U-1 and items 1..N in the order of their tables; 0 is item padding.
-    users_tbl, items_tbl = tables.users, tables.items
-    inter = tables.interactions
-    n_users, n_items = users_tbl.height, items_tbl.height
-    u = _dense_ids(inter["user"], users_tbl["user"])
-    it = _dense_ids(inter["item"], items_tbl["item"])
-    ts = inter["ts"].to_numpy().astype(np.int64, copy=False)
-    signal = inter["signal"].to_numpy()
-    if signal.max() > 127:
-        raise DataError(f"signal values must fit in int8 (<= 127); found {signal.max()}")
-
-    # Global order (ts, user, item) on the source's own keys, stable; then each user's rows
-    # in that order (CSR).
-    order = global_order(ts, _used_key_rank(users_tbl["user"], u), _used_key_rank(items_tbl["item"], it))
-    it += 1
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order))
-    csr = _stable_group(order, u)  # by user, then global rank
-    del order
-    counts = np.bincount(u, minlength=n_users)
-    offsets = np.zeros(n_users + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    seq_user = u[csr]
-    del u
-    pos_in_user = np.arange(len(csr), dtype=np.int64) - offsets[seq_user]
-    seq_items = it[csr]
-    seq_ts = ts[csr]
-    seq_signal = signal[csr].astype(np.int8)
-    seq_rank = rank[csr]
-    del it, ts, signal, rank
-
-    # Samples: rows with enough history, in global order, split by position.
-    keep = pos_in_user >= protocol.min_history
-    if protocol.samples_last_n is not None:
-        keep &= pos_in_user >= counts[seq_user] - protocol.samples_last_n
-    s_idx = np.nonzero(keep)[0]
-    del keep
-    s_idx = s_idx[np.argsort(seq_rank[s_idx], kind="stable")]
-    if len(s_idx) == 0:
-        raise DataError(f"{tables.name}: no user has more than min_history={protocol.min_history} interactions")
-    split = split_ids(len(s_idx), protocol)
-    samples = pl.DataFrame(
-        {
-            "user": seq_user[s_idx].astype(np.int32),
-            "pos": pos_in_user[s_idx].astype(np.int32),
-            "target": seq_items[s_idx],
-            "label": (seq_signal[s_idx] > protocol.label_threshold).astype(np.int8),
-            "split": split,
-            "rank": seq_rank[s_idx],
-        }
-    )
-    del seq_user, pos_in_user
-
-    # Item and user tables with encoded categoricals.
-    cat_codes, categories = _encode(items_tbl["category"].fill_null(""))
-    tag_vocab = sorted({t for ts_ in items_tbl["tags"].to_list() for t in (ts_ or []) if t})
-    tag_index = {t: i + 1 for i, t in enumerate(tag_vocab)}
-    items_out = pl.DataFrame(
-        {
-            "item": np.arange(1, n_items + 1, dtype=np.int32),
-            "key": items_tbl["item"],
-            "text": items_tbl["text"].fill_null(""),
-            "category": cat_codes.astype(np.int32),
-            "tags": [[tag_index[t] for t in (ts_ or []) if t] for ts_ in items_tbl["tags"].to_list()],
-        },
-        schema_overrides={"tags": pl.List(pl.Int32)},
-    )
-    user_cols = {"user": np.arange(n_users, dtype=np.int32), "key": users_tbl["user"]}
-    user_vocab = {}
-    for name in tables.user_feature_names:
-        codes, vocab = _encode(users_tbl[name].cast(pl.String).fill_null(""))
-        user_cols[name] = codes.astype(np.int32)
-        user_vocab[name] = vocab
-    users_out = pl.DataFrame(user_cols)
-
-    stats = {s: {} for s in SPLITS}
-    for code, name in enumerate(SPLITS):
-        m = split == code
-        stats[name] = {
-            "samples": int(m.sum()),
-            "positive_rate": round(float(samples["label"].to_numpy()[m].mean()), 4) if m.any() else 0.0,
-            "users": int(np.unique(samples["user"].to_numpy()[m]).size),
-            "history": _history_stats(samples["pos"].to_numpy()[m]),
-        }
-    manifest = {
-        "format": FORMAT_VERSION,
-        "name": tables.name,
-        "users": n_users,
-        "items": n_items,
-        "interactions": int(len(csr)),
-        "samples": {s: stats[s]["samples"] for s in SPLITS},
-        "positive_rate": {s: stats[s]["positive_rate"] for s in SPLITS},
-        "split_users": {s: stats[s]["users"] for s in SPLITS},
-        "history": {s: stats[s]["history"] for s in SPLITS},
-        "protocol": protocol.model_dump(),
-        "user_features": {k: len(v) + 1 for k, v in user_vocab.items()},
-        "categories": len(categories) + 1,
-        "tags": len(tag_vocab) + 1,
-        "max_tags": int(max((len(t) for t in items_out["tags"].to_list()), default=0)),
-        "signal_max": int(seq_signal.max()),
-        "source": tables.source_info,
-        "versions": {"r2led": __version__, "polars": pl.__version__, "numpy": np.__version__},
-        "prepare_seconds": None,
-    }
-    vocab = {"user_features": user_vocab, "categories": categories, "tags": tag_vocab}
-
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        np.save(tmp / "seq_offsets.npy", offsets)
-        np.save(tmp / "seq_items.npy", seq_items)
-        np.save(tmp / "seq_ts.npy", seq_ts)
-        np.save(tmp / "seq_signal.npy", seq_signal)
-        np.save(tmp / "seq_rank.npy", seq_rank)
-        samples.write_parquet(tmp / "samples.parquet")
-        items_out.write_parquet(tmp / "items.parquet")
-        users_out.write_parquet(tmp / "users.parquet")
-        (tmp / "vocab.json").write_text(json.dumps(vocab))
-        manifest["prepare_seconds"] = round(time.perf_counter() - t0, 2)
-        # The manifest is written last: a folder without one is never taken for a store.
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        publish_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return LifelongStore(out)
+    return write_store(tables, out, protocol, force=force, chunk_rows=chunk_rows)
 
 
 @dataclass(frozen=True)
@@ -271,19 +93,43 @@ class LifelongStore:
             )
         try:
             self.manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+        except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise DataError(f"{path} is corrupt: {exc}") from exc
-        if self.manifest.get("format") != FORMAT_VERSION:
-            raise DataError(f"{path}: store format {self.manifest.get('format')} != supported {FORMAT_VERSION}")
         if not isinstance(self.manifest, dict):
             raise DataError(f"{path} is corrupt: expected a JSON object")
+        if self.manifest.get("format") != FORMAT_VERSION:
+            raise DataError(f"{path}: store format {self.manifest.get('format')} != supported {FORMAT_VERSION}")
+        missing = [key for key in MANIFEST_KEYS if key not in self.manifest]
+        if missing:
+            raise DataError(f"{path} is corrupt: no {', '.join(missing)}")
         for name in STORE_FILES:
             if not (self.root / name).is_file():
                 raise DataError(f"{self.root} is incomplete: {name} is missing")
+        for name, columns in self._table_columns().items():  # footers only: a garbage file fails now, not mid-run
+            self._check_table(name, columns)
         self.offsets = self._load("seq_offsets")
         self.seq_items = self._load("seq_items")
         self.seq_ts = self._load("seq_ts")
         self.seq_signal = self._load("seq_signal")
+        self._check_sequences()
+
+    def _check_sequences(self) -> None:
+        """The CSR arrays agree with each other and the manifest (O(users), not O(rows))."""
+        rows = len(self.seq_items)
+        users = self.manifest["users"]
+        problem = None
+        if any(a.ndim != 1 for a in (self.offsets, self.seq_items, self.seq_ts, self.seq_signal)):
+            problem = "sequence arrays must be one-dimensional"
+        elif len(self.seq_ts) != rows or len(self.seq_signal) != rows:
+            problem = f"seq_items, seq_ts and seq_signal differ in length ({rows}, {len(self.seq_ts)}, {len(self.seq_signal)})"
+        elif not isinstance(users, int) or self.offsets.shape != (users + 1,):
+            problem = f"seq_offsets has {len(self.offsets)} entries, the manifest's {users!r} users need users + 1"
+        elif self.offsets.dtype.kind not in "iu" or int(self.offsets[0]) != 0 or int(self.offsets[-1]) != rows:
+            problem = f"seq_offsets must run from 0 to the {rows} rows of seq_items"
+        elif users and bool((np.diff(self.offsets) < 0).any()):
+            problem = "seq_offsets is not non-decreasing"
+        if problem is not None:
+            raise DataError(f"{self.root} is corrupt: {problem}")
 
     def _load(self, name: str) -> np.ndarray:
         path = self.root / f"{name}.npy"
@@ -295,21 +141,55 @@ class LifelongStore:
             raise DataError(f"{path} is corrupt: {exc}") from exc
 
     # ---- tables -------------------------------------------------------------------------
+    def _table_columns(self) -> dict[str, tuple[str, ...]]:
+        """The Parquet tables of the store and the columns readers rely on."""
+        return {
+            "samples.parquet": ("user", "pos", "target", "label", "split"),
+            "items.parquet": ("item", "category", "tags"),
+            "users.parquet": ("user", *self.manifest["user_features"]),
+        }
+
+    def _check_table(self, name: str, columns: tuple[str, ...]) -> None:
+        """A table's footer reads and names the columns (cheap: the data pages are not read)."""
+        path = self.root / name
+        try:
+            present = pq.read_schema(path).names
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise DataError(f"{path} is corrupt: {exc}") from exc
+        missing = [c for c in columns if c not in present]
+        if missing:
+            raise DataError(f"{path} is corrupt: no column {', '.join(missing)}")
+
+    def _read_table(self, name: str) -> pl.DataFrame:
+        """A Parquet table of the store; an unreadable file -> one-line DataError."""
+        path = self.root / name
+        try:
+            return pl.read_parquet(path)
+        except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
+            raise DataError(f"{path} is corrupt: {exc}") from exc
+
     @cached_property
     def samples(self) -> pl.DataFrame:
-        return pl.read_parquet(self.root / "samples.parquet")
+        return self._read_table("samples.parquet")
 
     @cached_property
     def items(self) -> pl.DataFrame:
-        return pl.read_parquet(self.root / "items.parquet")
+        return self._read_table("items.parquet")
 
     @cached_property
     def users(self) -> pl.DataFrame:
-        return pl.read_parquet(self.root / "users.parquet")
+        return self._read_table("users.parquet")
 
     @cached_property
     def vocab(self) -> dict:
-        return json.loads((self.root / "vocab.json").read_text())
+        path = self.root / "vocab.json"
+        try:
+            vocab = json.loads(path.read_text())
+        except (ValueError, OSError) as exc:
+            raise DataError(f"{path} is corrupt: {exc}") from exc
+        if not isinstance(vocab, dict):
+            raise DataError(f"{path} is corrupt: expected a JSON object")
+        return vocab
 
     @property
     def name(self) -> str:
@@ -325,8 +205,50 @@ class LifelongStore:
 
     @cached_property
     def sample_arrays(self) -> dict[str, np.ndarray]:
-        """Sample columns as numpy arrays (user, pos, target, label, split, rank)."""
-        return {c: self.samples[c].to_numpy() for c in self.samples.columns}
+        """Sample columns as numpy arrays (user, pos, target, label, split, rank).
+
+        Read row group by row group into preallocated arrays: peak memory is the arrays plus
+        one row group (a sample is 22 bytes), never a second copy of the table.
+        """
+        if "samples" in self.__dict__:  # the table is loaded already (or this is a view)
+            return {c: self.samples[c].to_numpy() for c in self.samples.columns}
+        return self._read_sample_rows(None)
+
+    def _read_sample_rows(self, ranges: list[tuple[int, int]] | None) -> dict[str, np.ndarray]:
+        """Rows ``[lo, hi)`` of each range of ``samples.parquet`` (all rows for ``None``), in
+        order, reading only the row groups that overlap them."""
+        path = self.root / "samples.parquet"
+        try:
+            pf = pq.ParquetFile(path)
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+            bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+            ranges = [(0, int(bounds[-1]))] if ranges is None else [(int(lo), int(hi)) for lo, hi in ranges if hi > lo]
+            schema = pf.schema_arrow
+            out = {f.name: np.empty(sum(hi - lo for lo, hi in ranges), dtype=f.type.to_pandas_dtype()) for f in schema}
+            at = 0
+            for lo, hi in ranges:
+                first = int(np.searchsorted(bounds, lo, side="right")) - 1
+                for g in range(first, int(np.searchsorted(bounds, hi, side="left"))):
+                    a, b = max(lo, int(bounds[g])), min(hi, int(bounds[g + 1]))
+                    table = pf.read_row_group(g).slice(a - int(bounds[g]), b - a)
+                    for name in out:
+                        out[name][at : at + b - a] = table.column(name).to_numpy()
+                    at += b - a
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise DataError(f"{path} is corrupt: {exc}") from exc
+        return out
+
+    def sample_view(self, ranges: list[tuple[int, int]]) -> "LifelongStore":
+        """This store with a sample table of only rows ``[lo, hi)`` of each range, in order.
+
+        Reads just the parquet row groups that overlap the ranges (a rank's shard, see
+        ``r2led.train.distributed``); the memory-mapped sequences are shared.
+        """
+        arrays = self._read_sample_rows(ranges)
+        view = copy.copy(self)
+        view.__dict__["sample_arrays"] = arrays
+        view.__dict__["samples"] = pl.DataFrame(arrays)
+        return view
 
     def split_indices(self, split: str) -> np.ndarray:
         if split not in SPLITS:
@@ -363,7 +285,11 @@ class LifelongStore:
         return self.seq_items[a:b], self.seq_signal[a:b], self.seq_ts[a:b]
 
     def history(self, user: np.ndarray, pos: np.ndarray, t_max: int) -> HistoryWindow:
-        """Slice ``[pos - t_max, pos)`` of each user's sequence, vectorised, left-padded."""
+        """Slice ``[pos - t_max, pos)`` of each user's sequence, vectorised, left-padded.
+
+        The outputs are filled in row blocks of about ``_GATHER_TOKENS`` tokens, so that the
+        gather's temporaries stay bounded however long ``B x L`` is.
+        """
         user = np.asarray(user, dtype=np.int64)
         pos = np.asarray(pos, dtype=np.int64)
         length = np.minimum(pos, t_max)
@@ -371,9 +297,14 @@ class LifelongStore:
         end = self.offsets[user] + pos  # (B,) one past the last history row
         col = np.arange(width, dtype=np.int64)
         mask = col[None, :] >= (width - length)[:, None]  # (B, L)
-        idx = np.where(mask, end[:, None] - width + col[None, :], 0)  # (B, L)
-        items = np.where(mask, self.seq_items[idx], 0).astype(np.int64)
-        signal = np.where(mask, self.seq_signal[idx], 0).astype(np.int64)
+        items = np.zeros(mask.shape, dtype=np.int64)  # (B, L)
+        signal = np.zeros(mask.shape, dtype=np.int64)  # (B, L)
+        rows = max(1, _GATHER_TOKENS // width)
+        for a in range(0, len(user), rows):
+            m = mask[a : a + rows]
+            idx = np.where(m, end[a : a + rows, None] - width + col[None, :], 0)  # (b, L)
+            np.copyto(items[a : a + rows], self.seq_items[idx], where=m)
+            np.copyto(signal[a : a + rows], self.seq_signal[idx], where=m)
         return HistoryWindow(items, signal, mask, length)
 
     def history_lengths(self, sample_idx: np.ndarray, t_max: int) -> np.ndarray:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 
 from r2led.config import ModelConfig
 from r2led.data.batches import Batch
-from r2led.models.base import CtrModel, short_window
+from r2led.models.base import CtrModel, short_route_head, short_window
 from r2led.models.layers import TargetAttention, weighted_sum_by_item
+from r2led.models.user_state import BucketIndex, UserState
 
 
 class AvgPoolConfig(ModelConfig):
@@ -57,3 +59,21 @@ class AvgPool(CtrModel):
 
         x = torch.cat([self.user_repr(batch), target, u, r_short, target * u], dim=-1)
         return self.head(x)
+
+    # ---- the request path -------------------------------------------------------------------
+    def build_request_index(self, state: UserState) -> BucketIndex:
+        """One bucket: the count and the embedding sum of every behaviour."""
+
+        def embed(items: np.ndarray, signals: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                i, s = (torch.from_numpy(np.asarray(x, dtype=np.int64)) for x in (items, signals))
+                return self.behaviour_repr(i, s).double().numpy()
+
+        return BucketIndex(state, lambda items: np.zeros((len(items), 1), np.int64), embed, 1, 1, self.cache_generation)
+
+    def _score_request(self, state: UserState, index: BucketIndex, candidates: torch.Tensor) -> torch.Tensor:
+        
+        target = self.item_repr(candidates)  # (C, d)
+        count, sums = index.current(self.cache_generation)
+        u = torch.from_numpy(sums[0, 0] / max(count[0, 0], 1)).float().expand(len(target), -1)  # (C, d)
+        return short_route_head(self, state, target, u)

@@ -15,12 +15,13 @@ from pydantic import Field
 from r2led.config import ModelConfig
 from r2led.data.batches import Batch
 from r2led.models.base import CtrModel, short_window
+from r2led.models.user_state import UserState
 from r2led.models.layers import DinAttention
 
 
 class DinConfig(ModelConfig):
     name: Literal["din"] = "din"
-    short_len: int = Field(30, ge=1, description="behaviours attended (the last ones)")
+    short_len: int = Field(30, ge=1, le=1_000_000, description="behaviours attended (the last ones)")
 
 
 class DinLongConfig(ModelConfig):
@@ -46,8 +47,25 @@ class DIN(CtrModel):
         return self.head(torch.cat([self.user_repr(batch), target, interest, target * interest], dim=-1))
 
 
+    # ---- the request path -------------------------------------------------------------------
+    def request_window(self, state: UserState) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.request_short(state, self.cfg.short_len)
+
+    def _score_request(self, state: UserState, index, candidates: torch.Tensor) -> torch.Tensor:
+        """The window's behaviours embedded once (n, d), shared by the C rows."""
+        items, signal = self.request_window(state)  # (n,)
+        target = self.item_repr(candidates)  # (C, d)
+        c = len(target)
+        behaviours = self.behaviour_repr(items, signal).unsqueeze(0).expand(c, -1, -1)  # (C, n, d)
+        interest = self.attention(target, behaviours, behaviours, torch.ones(behaviours.shape[:2], dtype=torch.bool))  # (C, d)
+        return self.head(torch.cat([self.request_user_repr(state, c), target, interest, target * interest], dim=-1))
+
+
 class DINLong(DIN):
     config_class = DinLongConfig
 
     def window(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return batch.hist_items, batch.hist_signal, batch.hist_mask
+
+    def request_window(self, state: UserState) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(state.items), torch.from_numpy(state.signals)

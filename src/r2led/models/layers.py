@@ -16,6 +16,68 @@ from r2led.models.spec import DataSpec
 from r2led.sid.table import SidTable
 
 
+class KeptValue:
+    """A value a server keeps (per-item signatures, per-item tables, serving matrices): computed
+    on first use, kept until ``clear()``. Invalidation is explicit: ``CachingModule`` clears its
+    kept values whenever its parameters may change through the module's API.
+
+    ``value(fresh=True)`` computes without keeping (training, or autograd recording).
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._value = None
+
+    def __call__(self, fresh: bool = False):
+        if fresh:
+            return self.fn()
+        value = self._value
+        if value is None:
+            value = self._value = self.fn()  # one assignment: a concurrent reader sees old or new
+        return value
+
+    def clear(self) -> None:
+        self._value = None
+
+
+class CachingModule(nn.Module):
+    """A module whose ``KeptValue`` attributes (its own and its submodules') are cleared by
+    ``invalidate_caches()``, which ``train(mode)`` / ``eval()``, ``load_state_dict`` and
+    ``_apply`` (``.to()``, ``.float()``, ...) call. Every training step happens in train mode,
+    where nothing is kept, so an optimizer step is covered by the ``eval()`` that follows it.
+    An in-place write to a parameter in eval mode outside these (``with torch.no_grad():
+    w.mul_(2)``) must call ``invalidate_caches()`` itself.
+
+    ``cache_generation`` counts invalidations: per-user request state that derives data from
+    the parameters (``r2led.models.user_state``) compares it to rebuild that data.
+    """
+
+    cache_generation: int = 0
+
+    def invalidate_caches(self) -> None:
+        for module in self.modules():
+            for value in vars(module).values():
+                if isinstance(value, KeptValue):
+                    value.clear()
+            if isinstance(module, CachingModule):
+                module.__dict__["cache_generation"] = module.cache_generation + 1
+
+    def train(self, mode: bool = True):
+        out = super().train(mode)
+        self.invalidate_caches()
+        return out
+
+    def load_state_dict(self, *args, **kwargs):
+        out = super().load_state_dict(*args, **kwargs)
+        self.invalidate_caches()
+        return out
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self.invalidate_caches()
+        return out
+
+
 class ItemEmbeddings(nn.Module):
     """Per-item embeddings: collaborative ID ``e(v)``, item features, SID prefixes ``s_l(v)``.
 
@@ -137,7 +199,7 @@ class TargetAttention(nn.Module):
         return self.out(pooled.reshape(*lead, d))
 
 
-class DinAttention(nn.Module):
+class DinAttention(CachingModule):
     """DIN's local activation unit: an MLP scores ``[q, k, q-k, q*k]`` per behaviour.
 
     Weights are softmax-normalised over the behaviours (DIN's paper leaves them unnormalised;
@@ -153,7 +215,7 @@ class DinAttention(nn.Module):
             width = size
         layers.append(nn.Linear(width, 1))
         self.unit = nn.Sequential(*layers)
-        self._serving = ModuleCache(self.serving_weights, self)
+        self._serving = KeptValue(self.serving_weights)
 
     def scores(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """(..., d), (..., n, d) -> (..., n) activation-unit logits.
@@ -216,15 +278,14 @@ class DinAttention(nn.Module):
         -inf where none is.
 
         The same function (float rounding aside) as one matrix product per layer, with the
-        matrices of ``serving_weights`` (kept until a parameter changes, in eval mode without
-        autograd): ``A(q)`` for every row at once, then one batched product for the whole first
+        matrices of ``serving_weights`` (kept in eval mode without autograd until ``invalidate_caches``): ``A(q)`` for every row at once, then one batched product for the whole first
         layer, one product for each further layer; few and large operations.
         """
         c, *lead, n, d1 = keys.shape
         if n == 0:  # no behaviour: as an all-masked row
             out = query.new_zeros(c, *lead, d1)
             return (out, query.new_full((c, *lead), float("-inf"))) if mass else out
-        first, *rest = self._serving(self.training)
+        first, *rest = self._serving(fresh=self.training or torch.is_grad_enabled())
         x = torch.bmm(keys.reshape(c, -1, d1), (query @ first).view(c, d1, -1))  # (C, S, h1 [+1])
         for act, w in zip((m for m in self.unit if isinstance(m, nn.PReLU)), rest):
             x = act(x) @ w
@@ -251,64 +312,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).squeeze(-1)
-
-
-class VersionedCache:
-    """The last value computed from some tensors, kept until one of them changes.
-
-    A tensor "changes" when its storage or its version counter does: every in-place write
-    (an optimizer step, ``load_state_dict``, ``.to()``, ``with torch.no_grad(): w.mul_(...)``)
-    bumps the counter. A write through ``.data`` does not, so it is not seen.
-    """
-
-    def __init__(self):
-        self._entry: tuple[tuple, object] | None = None  # (key, value), replaced as one object
-
-    def get(self, tensors, compute):
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
-        entry = self._entry
-        if entry is None or entry[0] != key:
-            entry = self._entry = (key, compute())
-        return entry[1]
-
-
-class ItemTableCache(VersionedCache):
-    """A per-item value derived from an embedding table (SimHash signatures, hash codes).
-
-    Recomputed at every call while training (the table moves every step); in eval mode kept
-    until the table changes, as a server keeps it per item.
-    """
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def __call__(self, weight: torch.Tensor, training: bool) -> torch.Tensor:
-        if training:
-            return self.fn(weight)
-        return self.get((weight,), lambda: self.fn(weight))
-
-
-class ModuleCache(VersionedCache):
-    """A value computed from the parameters and buffers of some modules only, for serving.
-
-    ``fn()`` runs at every call while training or while autograd records (the value must carry
-    gradients and follow every step); otherwise the value is kept until a parameter or buffer
-    of ``modules`` changes (see ``VersionedCache``), as a server keeps per-item values.
-    """
-
-    def __init__(self, fn, *modules: nn.Module | None):
-        super().__init__()
-        self.fn = fn
-        self.modules = [m for m in modules if m is not None]
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for m in self.modules for t in (*m.parameters(), *m.buffers())]
-
-    def __call__(self, training: bool) -> torch.Tensor:
-        if training or torch.is_grad_enabled():
-            return self.fn()
-        return self.get(self.tensors(), self.fn)
 
 
 def per_unique_item(fn, items: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import nn
@@ -22,28 +23,27 @@ from torch.nn import functional as F
 
 from r2led.config import ModelConfig
 from r2led.data.batches import Batch
-from r2led.models.base import CtrModel, short_window
-from r2led.models.layers import DinAttention, ItemTableCache, ModuleCache, TargetAttention, gather_behaviours, masked_softmax, per_unique_item
+from r2led.models.base import CtrModel, short_window, state_history
+from r2led.models.layers import DinAttention, KeptValue, TargetAttention, gather_behaviours, masked_softmax, per_unique_item
 from r2led.models.retrieval import (
     batch_route_positions,
     disjoint_mixed_topk,
-    index_history,
     mixed_topk,
     prefix_ranks,
     recency_keys,
-    route_positions,
     route_quota,
     topk_keys,
 )
 from r2led.models.simhash import SimHash
+from r2led.models.user_state import SignatureIndex, UserState
 
 
 class R2ledConfig(ModelConfig):
     name: Literal["r2led"] = "r2led"
-    k: int = Field(20, ge=1, description="behaviours retrieved per route")
+    k: int = Field(20, ge=1, le=100_000, description="behaviours retrieved per route")
     rho: float = Field(0.75, ge=0.0, le=1.0, description="mix ratio: share of a route's slots for SID-prefix matches")
-    routes: int | None = Field(None, ge=1, description="number of routes R (default: one per SID level); the finest R levels")
-    hash_bits: int = Field(64, ge=64, description="SimHash signature bits m (multiple of 64)")
+    routes: int | None = Field(None, ge=1, le=64, description="number of routes R (default: one per SID level); the finest R levels")
+    hash_bits: int = Field(64, ge=64, le=4096, description="SimHash signature bits m (multiple of 64)")
     # on/off switches are booleans: YAML reads `--set model.gate=off` as false.
     gate: bool = Field(True, description="off: e~ = e + mean_l s_l")
     route_fusion: Literal["attention", "mean"] = Field("attention", description="mean: no cross-attention over routes")
@@ -105,11 +105,6 @@ class RouteFusion(nn.Module):
         return (weights.unsqueeze(-1) * self.v(routes)).sum(1)  # (B, d)
 
 
-def one_history(hist: torch.Tensor, mask: torch.Tensor) -> bool:
-    """Every row is the same memory (an ``expand``-ed history): one request, many candidates."""
-    return hist.shape[0] > 1 and hist.stride(0) == 0 and mask.stride(0) == 0
-
-
 class R2LED(CtrModel):
     config_class = R2ledConfig
     def __init__(self, cfg: R2ledConfig, spec, sid=None):
@@ -130,17 +125,17 @@ class R2LED(CtrModel):
             rank, span = prefix_ranks(self.route_tokens)  # (N+1,), (N+1, R, 2): SID buckets as rank ranges
             self.register_buffer("route_rank", rank, persistent=False)
             self.register_buffer("route_span", span, persistent=False)
-        # item ids in the order the serving index lists them: by SID-prefix rank, else by id
-        order = torch.argsort(self.route_rank, stable=True) if self.use_sid else torch.arange(spec.n_items + 1)
-        self.register_buffer("route_order", order, persistent=False)
         self.gate = SidGate(d, levels, enabled=cfg.gate) if self.use_sid and cfg.sid_refine else None
         encoder = (lambda: TargetAttention(d, cfg.heads)) if cfg.attention == "mha" else (lambda: DinAttention(d))
         self.route_attention = encoder()
         self.short_attention = encoder()
         self.route_fusion = RouteFusion(d, cfg.route_fusion)
         self.head = self.make_head(4)
-        self._table_cache = ItemTableCache(self.simhash.signatures)
-        self._tables_cache = ModuleCache(self._serving_tables, self.items, self.gate, self.signal)
+        self._signatures = KeptValue(lambda: self.simhash.signatures(self.items.id.weight))  # (N+1, W) int64
+        self._signature_words = KeptValue(lambda: np.ascontiguousarray(self.item_signatures().cpu().numpy()).view(np.uint64))
+        self._rank = KeptValue(lambda: self.route_rank.cpu().numpy() if self.use_sid else None)
+        self._span = KeptValue(lambda: self.route_span.cpu().numpy() if self.use_sid else None)
+        self._tables = KeptValue(self._serving_tables)
 
     @classmethod
     def wants_sid(cls, cfg: R2ledConfig) -> bool:
@@ -150,21 +145,15 @@ class R2LED(CtrModel):
     def item_signatures(self) -> torch.Tensor:
         """(N+1, words) SimHash signatures of every item's ID embedding.
 
-        Recomputed while training (embeddings move every step); cached in eval mode until the
-        embedding table changes, as a server caches them per item.
+        Recomputed while training (embeddings move every step); kept in eval mode until
+        ``invalidate_caches`` (``eval()``, ``load_state_dict``...), as a server keeps them per item.
         """
-        return self._table_cache(self.items.id.weight, self.training)
+        return self._signatures(fresh=self.training)
 
     @torch.no_grad()
     def retrieve_routes(self, target: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions of each route's k behaviours (B, R, k) and whether a slot is filled.
-
-        A serving request (B candidates, one history passed as an ``expand``-ed view, so every
-        row is the same memory) takes ``retrieve_routes_shared``: same result, and the cost
-        per candidate follows the history's distinct items, not its length.
-        """
-        if one_history(hist, mask):
-            return self.retrieve_routes_shared(target, hist[0], mask[0])
+        """The batch path's retrieval: positions of each route's k behaviours (B, R, k) into
+        each row's history ``hist`` (B, T), and whether a slot is filled."""
         return self._retrieve(target, hist, mask)
 
     def _retrieve(self, target: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,24 +183,24 @@ class R2LED(CtrModel):
         match = (h_tok == t_tok.unsqueeze(1)).transpose(1, 2) & mask.unsqueeze(1)  # (B, R, M)
         return (disjoint_mixed_topk if self.cfg.disjoint_routes else mixed_topk)(keys, match, self.k, self.cfg.rho)
 
-    @torch.no_grad()
-    def retrieve_routes_shared(self, target: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Serving path: C candidates ``target`` (C,) against ONE history ``hist``/``mask`` (T,).
+    def build_request_index(self, state: UserState) -> SignatureIndex:
+        """The user's history by distinct item (chains of positions), ranked by SID prefix so
+        that a route's matches are one run, with the items' signatures (``SignatureIndex``)."""
+        return SignatureIndex(state.items, self._rank())
 
-        Equal to the batch path on C copies of the history (the same taken slots, holding the
-        same positions). The history is indexed once by distinct item (U of them, ranked by SID
-        prefix so that a route's matches are one run of them), each candidate scores the U
-        items, and the routes are filled from the items' behaviours in key order
-        (``route_positions``): per-candidate work follows U, not T.
-        """
-        t = hist.shape[-1]
-        k, quota = self.k, route_quota(self.k, self.cfg.rho) if self.use_sid else 0
-        index = index_history(hist, mask, self.route_rank if self.use_sid else None, self.route_order.cpu().numpy())  # U distinct items
-        sigs = self.item_signatures()  # (N+1, words), per item
-        items = torch.from_numpy(index.items).to(target.device)
-        span = self.route_span.index_select(0, target) if self.use_sid else None  # (C, R, 2): the SID buckets, as rank ranges
+    def request_routes(self, state: UserState, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The request path's retrieval: positions (C, R, k) into the state's history and
+        taken (C, R, k), equal to ``retrieve_routes`` on C rows holding that history. Per
+        candidate the work follows the history's distinct items U, not its length T."""
+        index = state.index_for(self)
+        words = self._signature_words(fresh=self.training)  # (N+1, W) uint64
+        cands = candidates.cpu().numpy()
+        quota = route_quota(self.k, self.cfg.rho) if self.use_sid else 0
+        span = self._span()[cands] if self.use_sid else None  # (C, R, 2): the SID buckets, as rank ranges
         disjoint = self.use_sid and self.cfg.disjoint_routes
-        return route_positions(sigs.index_select(0, target), sigs.index_select(0, items), index, t, k, quota, self.n_routes, span, disjoint)
+        gen = self.cache_generation if not self.training else -2
+        out, n = index.routes(words[cands], words, gen, span, self.k, quota, self.n_routes, disjoint, state.start)
+        return torch.from_numpy(out), torch.from_numpy(np.arange(self.k) < n[..., None])
 
     # ---- Bi-level Fusion Refinement -----------------------------------------------------
     def fused_item(self, items: torch.Tensor) -> torch.Tensor:
@@ -233,8 +222,6 @@ class R2LED(CtrModel):
         return self.gate(self.items.id(items), self.items.prefixes(items))[1]
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        if self.serving(batch):  # same function, per-item caches and per-request sharing
-            return self.serve(batch)
         hist, signal, mask = batch.hist_items, batch.hist_signal, batch.hist_mask  # (B, T)
         index, taken = self.retrieve_routes(batch.target, hist, mask)  # (B, R, k)
         r_items = gather_behaviours(hist, index) * taken  # (B, R, k)
@@ -257,47 +244,39 @@ class R2LED(CtrModel):
         x = torch.cat([self.user_repr(batch), target, z, r_short, target * z], dim=-1)
         return self.head(x)
 
-    # ---- serving: one request = C candidates x ONE history ------------------------------
-    def serving(self, batch: Batch) -> bool:
-        """A serving request: eval mode, no gradient, every row the same history (a view)."""
-        shared = one_history(batch.hist_items, batch.hist_mask) and batch.hist_signal.stride(0) == 0
-        return shared and not self.training and not torch.is_grad_enabled()
-
+    # ---- the request path: one user state x C candidates ---------------------------------
     def serving_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The per-item cache a server keeps (SID-level fusion and side features depend on the
+        """The per-item tables a server keeps (SID-level fusion and side features depend on the
         item alone): (N+1, d+1) ``fused_item`` of every item and (S, d+1) the signal
         embeddings, with a trailing 1 and 0 (behaviour = item + signal ends in 1), the inputs
-        of ``DinAttention.attend``. Kept in eval mode without autograd until a parameter or
-        buffer they read changes; recomputed at every call otherwise."""
-        return self._tables_cache(self.training)
+        of ``DinAttention.attend``. Kept in eval mode without autograd until
+        ``invalidate_caches``; recomputed at every call otherwise."""
+        return self._tables(fresh=self.training or torch.is_grad_enabled())
 
     def _serving_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         items = self._fused_item(torch.arange(self.spec.n_items + 1, device=self.signal.weight.device))
         return torch.cat([items, items.new_ones(len(items), 1)], dim=1), F.pad(self.signal.weight, (0, 1))
 
-    @torch.no_grad()
-    def serve(self, batch: Batch) -> torch.Tensor:
-        """``forward`` for a serving request (see ``serving``): the same function, within float
-        rounding. Items come from ``serving_tables``, the history is read from its one row, and
-        DIN's unit runs as a few large products (``DinAttention.attend``)."""
-        hist, signal, mask = batch.hist_items[0], batch.hist_signal[0], batch.hist_mask[0]  # (T,)
-        index, taken = self.retrieve_routes(batch.target, batch.hist_items, batch.hist_mask)  # (C, R, k) positions
+    def _score_request(self, state: UserState, index, candidates: torch.Tensor) -> torch.Tensor:
+        """``forward`` for one user state x C candidates: the same function, within float
+        rounding. Retrieval from the state's index (``request_routes``), items from
+        ``serving_tables``, only the slots' behaviours gathered, DIN's unit as a few large
+        products (``DinAttention.attend``), the user part computed once."""
+        index, taken = self.request_routes(state, candidates)  # (C, R, k) positions
         items, signals = self.serving_tables()
-        target = items.index_select(0, batch.target)  # (C, d+1)
-        t, flat = hist.shape[0], index.view(-1)
-        start = max(t - self.cfg.short_len, 0)  # the last short_len behaviours, as short_window
-        if t <= len(flat):  # every behaviour once, then the slots
-            kv = items.index_select(0, hist) + signals.index_select(0, signal)  # (T, d+1)
-            r_kv, s_kv = kv.index_select(0, flat), kv[start:]
-        else:  # the slots' behaviours only
-            r_kv = items.index_select(0, hist.index_select(0, flat)) + signals.index_select(0, signal.index_select(0, flat))
-            s_kv = items.index_select(0, hist[start:]) + signals.index_select(0, signal[start:])  # (n_s, d+1)
+        target = items.index_select(0, candidates)  # (C, d+1)
+        hist, signal = state_history(state)  # (T,) views
+        flat = index.view(-1)
+        r_kv = items.index_select(0, hist.index_select(0, flat)) + signals.index_select(0, signal.index_select(0, flat))  # (C R k, d+1)
         routes, mass = self._serve_attention(self.route_attention, target, r_kv.view(*index.shape, -1), taken, self.cfg.route_mass)
+        s_items, s_signal = self.request_short(state, self.cfg.short_len)  # (n_s,)
+        s_kv = items.index_select(0, s_items) + signals.index_select(0, s_signal)  # (n_s, d+1)
         rows = (len(target), *s_kv.shape)  # the short window: the same behaviours for every row
-        r_short, _ = self._serve_attention(self.short_attention, target, s_kv.expand(rows), mask[start:].expand(rows[:2]))  # (C, d)
+        s_mask = torch.ones(rows[:2], dtype=torch.bool)
+        r_short, _ = self._serve_attention(self.short_attention, target, s_kv.expand(rows), s_mask)  # (C, d)
         target = target[:, :-1]
         z = self.route_fusion(target, routes, taken.any(-1), mass)  # (C, d)
-        x = torch.cat([self.user_repr(batch), target, z, r_short, target * z], dim=-1)
+        x = torch.cat([self.request_user_repr(state, len(target)), target, z, r_short, target * z], dim=-1)
         return self.head(x)
 
     @staticmethod

@@ -8,8 +8,6 @@ building a (B, T, d) float tensor: only the k winners' embeddings are gathered a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
@@ -127,91 +125,13 @@ def topk_scores(scores: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch
     return index, taken
 
 
-# ---- serving: many candidates against ONE history -------------------------------------------
-# A request scores C candidates against one user's history. Keys depend on the behaviour only
-# through its item (similarity, prefix match) and its position (recency), so the history is
-# indexed once per request by distinct item, and each candidate scores distinct items instead
-# of behaviours; the routes are then filled per candidate by compiled code that reads the
-# items' behaviours in key order only as deep as the routes need (``route_kernels``): exactly
-# the batch path's result.
-
-
-@dataclass
-class HistoryIndex:
-    """One history's distinct items and the positions of their behaviours, most recent first."""
-
-    items: np.ndarray  # (U,) distinct item ids among the present behaviours (by rank when ranked)
-    start: np.ndarray  # (U,) where each item's positions begin in ``positions``
-    count: np.ndarray  # (U,) how many behaviours it has
-    positions: np.ndarray  # (n,) the present behaviours' positions, item by item, most recent first
-    rank: np.ndarray | None = None  # (U,) the items' ranks, ascending (``index_history(..., rank)``)
-
-    @property
-    def last(self) -> np.ndarray:
-        """(U,) each item's most recent position."""
-        return self.positions[self.start]
-
-
-def index_history(hist: torch.Tensor, mask: torch.Tensor, rank: torch.Tensor | None = None, order: np.ndarray | None = None) -> HistoryIndex:
-    """Index one history (T,) by item: its distinct items and each one's positions, most recent
-    first. O(T + N) counting (``route_kernels.count_items``, ``index_items``), no sort.
-
-    ``rank`` (N+1,): the distinct items come in the order of their rank (``prefix_ranks``: the
-    items sharing a SID prefix are then one run), kept in ``HistoryIndex.rank``; ``order``:
-    the item ids sorted by rank, if already at hand. Items run in id order without a rank.
-    """
-    from r2led.models import route_kernels
-
-    h, present = hist.cpu().numpy().astype(np.int64, copy=False), mask.cpu().numpy().astype(bool, copy=False)
-    ranks = None if rank is None else rank.cpu().numpy()
-    n_items = len(ranks) if ranks is not None else (int(h.max(initial=0)) + 1)
-    if order is None:
-        order = np.argsort(ranks, kind="stable") if ranks is not None else np.arange(n_items)
-    if len(h) and (h.min() < 0 or h.max() >= len(order)):
-        raise ValueError(f"history holds item ids outside 0..{len(order) - 1}: min {h.min()}, max {h.max()}")
-    order = np.asarray(order, dtype=np.int64)
-    count_of, slot = np.empty(len(order), np.int64), np.empty(len(order), np.int64)
-    u, n = route_kernels.count_items(h, present, order, count_of)
-    items, start, count, positions = np.empty(u, np.int64), np.empty(u, np.int64), np.empty(u, np.int64), np.empty(n, np.int64)
-    route_kernels.index_items(h, present, order, count_of, slot, items, start, count, positions)
-    return HistoryIndex(items, start, count, positions, None if ranks is None else ranks[items])
-
-
-def route_positions(
-    target_sig: torch.Tensor,
-    item_sig: torch.Tensor,
-    index: HistoryIndex,
-    length: int,
-    k: int,
-    quota: int,
-    routes: int,
-    span: torch.Tensor | None = None,
-    disjoint: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``mixed_topk`` (``disjoint_mixed_topk`` if ``disjoint``) for C candidates against one
-    history, from its distinct items.
-
-    target_sig (C, words), item_sig (U, words): SimHash signatures (``SimHash.signatures``) of
-    the candidates and of ``index``'s items. The semantic view: span (C, R, 2), each
-    candidate's rank range at each route, coarsest route first (``prefix_ranks``; None: none),
-    with ``index`` ranked by the same ranks. Returns positions (C, R, k) into the history of
-    ``length`` (0 in a slot not taken) and taken (C, R, k): the batch path's result on C
-    copies of the history.
-    """
-    from r2led.models import route_kernels
-
-    c, device = target_sig.shape[0], target_sig.device
-    if span is not None and quota and index.rank is not None:
-        bounds = np.searchsorted(index.rank, span.cpu().numpy())  # (C, R, 2): each route's run of items
-        lo, hi = np.ascontiguousarray(bounds[..., 0]), np.ascontiguousarray(bounds[..., 1])
-    else:
-        lo = hi = np.zeros((c, routes), dtype=np.int64)
-    words = [np.ascontiguousarray(s.cpu().numpy()).view(np.uint64) for s in (target_sig, item_sig)]
-    out, n = np.zeros((c, routes, k), np.int64), np.empty((c, routes), np.int64)
-    work = route_kernels.request_scratch(length, len(index.items), k, quota, routes, words[0].shape[1])
-    route_kernels.request_routes(*words, length, index.start, index.count, index.positions, lo, hi, k, quota, disjoint, out, n, work)
-    taken = np.arange(k) < n[..., None]
-    return torch.from_numpy(out).to(device), torch.from_numpy(taken).to(device)
+# ---- serving: many candidates against ONE user's state --------------------------------------
+# A request scores C candidates against one user's history. Keys depend on a behaviour only
+# through its item (similarity, prefix match) and its position (recency), so the user state
+# keeps the history indexed by distinct item (``user_state.SignatureIndex``: chains of
+# positions, updated on append) and each candidate scores distinct items instead of
+# behaviours; compiled code (``route_kernels.state_routes``) then reads the items' behaviours
+# in key order only as deep as the routes need: exactly the batch path's result.
 
 
 def batch_route_positions(
@@ -237,7 +157,7 @@ def batch_route_positions(
 
 
 def prefix_ranks(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Buckets of items by SID prefix as rank ranges, for ``route_positions``.
+    """Buckets of items by SID prefix as rank ranges, for the request path (``SignatureIndex``).
 
     tokens (N+1, R): each item's prefix token at each route's level, coarsest first; prefixes
     nest (items sharing a fine prefix share every coarser one). Returns rank (N+1,): the item's

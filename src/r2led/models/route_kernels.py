@@ -1,13 +1,18 @@
 """Multi-route Mixed Retrieval, compiled (numba): the same slots as ``retrieval.mixed_topk`` /
 ``retrieval.disjoint_mixed_topk``, without whole-array passes.
 
-Serving (``request_routes``): a request scores C candidates against ONE history of T behaviours.
-A behaviour's key depends on it through its item (SimHash similarity to the candidate,
-SID-prefix match) and its position (recency), so the history is indexed once by distinct item
-(``count_items``, ``index_items``: U items, each with its positions, most recent first), and
-each candidate works on the U items: per-candidate work grows with U, not T, and no (C, T)
-array exists. Every list a route reads is produced lazily in key order, by a heap over the
-items that can contribute (``_best_behaviours``), only as deep as the routes need.
+Serving (``state_routes``): a request scores C candidates against ONE user's history, kept in
+the user's state (``user_state.SignatureIndex``) as chains: each distinct item's positions,
+most recent first (``chain_items`` builds them in O(T); an append extends them in O(1)). A
+behaviour's key depends on it through its item (SimHash similarity to the candidate,
+SID-prefix match) and its position (recency), so each candidate works on the U distinct items:
+one popcount pass with a histogram of similarity levels, then every list a route reads is
+produced lazily in key order by a heap over the items that can contribute (``_best_chained``),
+only as deep as the routes need. Nothing of size T is touched per request (taken behaviours are
+marked in small hash sets).
+
+SIM-hard's state (``chain_keys``, ``walk_chains``): positions chained by category; a request
+walks k links per candidate.
 
 Training and evaluation (``batch_routes``): every row has its own history; two passes over a
 row (similarity-level histograms, then keys for the behaviours above each list's cut) and a
@@ -16,7 +21,7 @@ sort of those few.
 Both fill the routes with ``_take_route``. Numba rather than array code: the work is a few
 hundred small, data-dependent steps per row (a heap, early exits), which array libraries can
 only express as many whole-array passes. Compiled on first use and cached (``cache=True``, in
-``__pycache__``). The kernels allocate nothing: callers pass every array (``request_scratch``,
+``__pycache__``). The kernels allocate nothing: callers pass every array (``state_scratch``,
 ``batch_scratch``), so memory accounting (``tracemalloc``) sees every byte.
 """
 
@@ -24,47 +29,6 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
-
-
-@njit(cache=True)
-def count_items(hist, present, order, count_of):
-    """Behaviours per item into ``count_of`` (N+1,) (zeroed); returns (distinct items, present
-    behaviours). hist (T,) int64 item ids, present (T,) bool, order (N+1,) every item id once."""
-    count_of[:] = 0
-    n = 0
-    for i in range(hist.shape[0]):
-        if present[i]:
-            count_of[hist[i]] += 1
-            n += 1
-    u = 0
-    for j in range(order.shape[0]):
-        if count_of[order[j]] > 0:
-            u += 1
-    return u, n
-
-
-@njit(cache=True)
-def index_items(hist, present, order, count_of, slot, items, start, count, positions):
-    """The history indexed by distinct item, in the order ``order`` lists items (e.g. by
-    SID-prefix rank, so the items sharing a prefix are one run), after ``count_items``: items
-    (U,), start (U,), count (U,), positions (n,) filled so that item u's behaviours are
-    positions[start[u]: start[u] + count[u]], most recent first; slot (N+1,) scratch.
-    O(T + N): counting, no sort.
-    """
-    u, n = 0, 0
-    for j in range(order.shape[0]):
-        item = order[j]
-        c = count_of[item]
-        if c > 0:
-            items[u], start[u], count[u], slot[item] = item, n, c, u
-            n += c
-            u += 1
-    count_of[:] = 0  # reused: behaviours placed so far per distinct item
-    for i in range(hist.shape[0] - 1, -1, -1):  # most recent first
-        if present[i]:
-            s = slot[hist[i]]
-            positions[start[s] + count_of[s]] = i
-            count_of[s] += 1
 
 
 @njit(cache=True)
@@ -79,7 +43,7 @@ def _popcount(x):
 @njit(cache=True)
 def _sift_down(keys, item, depth, size, at):
     """Restore the max-heap property of (keys, item, depth)[:size] below ``at``."""
-    key, it, dp = keys[at], item[at], depth[at]
+    key, it, dp = keys[at], item[at], depth[at]  # (key, slot, position) or (key, item, depth)
     while True:
         child = 2 * at + 1
         if child >= size:
@@ -94,83 +58,254 @@ def _sift_down(keys, item, depth, size, at):
 
 
 @njit(cache=True)
-def _best_behaviours(sim, lo, hi, need, length, start, count, positions, per_level, counted, heap_key, heap_item, heap_depth, out):
-    """The ``need`` best-keyed behaviours of items lo..hi-1 (key = sim * length + position, as
-    ``retrieval.recency_keys``), best first, written to ``out``; returns how many there are.
+def chain_items(hist, slot_of, slot_item, slot_last, prev):
+    """Index a history (T,) by distinct item, as chains: the items in order of first
+    appearance get slots 0..U-1 (``slot_item``), ``slot_last[s]`` is slot s's most recent
+    position and ``prev[i]`` the previous position of position i's item (-1: none), so
+    walking from ``slot_last`` along ``prev`` lists an item's behaviours most recent first.
+    ``slot_of`` (N+1,) must hold -1 everywhere (it is left so). Returns U. O(T), no sort;
+    appending a behaviour later extends the chains in O(1) (``user_state.SignatureIndex``).
+    """
+    u = 0
+    for i in range(hist.shape[0]):
+        item = hist[i]
+        s = slot_of[item]
+        if s < 0:
+            s = u
+            slot_of[item], slot_item[s], slot_last[s] = s, item, -1
+            u += 1
+        prev[i] = slot_last[s]
+        slot_last[s] = i
+    for s in range(u):
+        slot_of[slot_item[s]] = -1
+    return u
+
+
+@njit(cache=True)
+def chain_keys(keys, last_of, prev):
+    """Chains of positions by key (e.g. SIM-hard's category): ``last_of[key]`` the most recent
+    position with that key (-1: none; the caller fills it with -1), ``prev[i]`` the previous
+    position with position i's key. O(T)."""
+    for i in range(keys.shape[0]):
+        key = keys[i]
+        prev[i] = last_of[key]
+        last_of[key] = i
+
+
+@njit(cache=True)
+def walk_chains(last_of, prev, keys, k, start, out, taken):
+    """For each query c, the ``k`` most recent positions at or after ``start`` whose key is
+    ``keys[c]`` (key 0 never matches), most recent first, as positions from ``start``, into
+    out (C, k); how many into taken (C,). O(C k)."""
+    for c in range(keys.shape[0]):
+        n = 0
+        key = keys[c]
+        if key > 0 and key < last_of.shape[0]:
+            p = last_of[key]
+            while p >= start and n < k:
+                out[c, n] = p - start
+                n += 1
+                p = prev[p]
+        taken[c] = n
+
+
+@njit(cache=True)
+def _similarities(target_sig, c, slot_sig, levels, sim):
+    """sim[s] = m - hamming(target c, slot s) for every slot: one pass over the slots'
+    contiguous signatures (the popcount pattern vectorises)."""
+    words = slot_sig.shape[1]
+    for s in range(slot_sig.shape[0]):
+        hamming = np.uint64(0)
+        for w in range(words):
+            hamming += _popcount(target_sig[c, w] ^ slot_sig[s, w])
+        sim[s] = levels - 1 - np.int64(hamming)
+
+
+@njit(cache=True)
+def _similarity_levels(target_sig, c, slot_sig, levels, sim, per_level, slot_last, start):
+    """``_similarities`` and, in the same pass, how many slots sit at each level; a slot
+    whose behaviours all lie before ``start`` (out of the window) gets -1 and no count.
+    The common case (one 64-bit word, no window) has its own loop: the general one (a loop
+    over words, a window test per slot) made this pass 2.7x slower (measured)."""
+    words = slot_sig.shape[1]
+    per_level[:] = 0
+    if words == 1 and start == 0:
+        t = target_sig[c, 0]
+        top = np.int64(levels - 1)
+        for s in range(slot_sig.shape[0]):
+            v = top - np.int64(_popcount(t ^ slot_sig[s, 0]))
+            sim[s] = v
+            per_level[v] += 1
+        return
+    for s in range(slot_sig.shape[0]):
+        if slot_last[s] < start:
+            sim[s] = -1
+            continue
+        hamming = np.uint64(0)
+        for w in range(words):
+            hamming += _popcount(target_sig[c, w] ^ slot_sig[s, w])
+        v = levels - 1 - np.int64(hamming)
+        sim[s] = v
+        per_level[v] += 1
+
+
+@njit(cache=True)
+def scan_similarities(target_sig, slot_sig, sim):
+    """One pass of every candidate over every distinct item: the popcount similarities, and
+    nothing else (the speed benchmark's floor). sim (U,) scratch; returns the best per
+    candidate summed, so the work cannot be optimised away."""
+    levels = 64 * target_sig.shape[1] + 1
+    total = 0
+    for c in range(target_sig.shape[0]):
+        _similarities(target_sig, c, slot_sig, levels, sim)
+        best = 0
+        for s in range(sim.shape[0]):
+            if sim[s] > best:
+                best = sim[s]
+        total += best
+    return total
+
+
+@njit(cache=True)
+def _best_chained(sim, order, lo, hi, need, length, start, slot_last, prev, per_level, counted, heap_key, heap_slot, heap_pos, out):
+    """The ``need`` best-keyed behaviours of the items order[lo:hi] (key = sim * length +
+    position, as ``retrieval.recency_keys``), best first, into ``out``; returns how many.
+    ``order`` empty: the slots lo..hi-1 themselves (every item, in any order).
 
     Only the ``need`` best items by their most recent behaviour can hold one of them, and they
     lie at the ``need`` highest similarity levels that have items: a histogram over levels
-    finds the cut (``per_level``: items per similarity, already ``counted`` or not), a heap
-    over the items above it merges their behaviours in key order.
+    finds the cut (``per_level``: items per similarity, already ``counted`` or not); a heap over
+    the items above it merges their chains of positions in key order.
     """
     if need <= 0 or lo >= hi:
         return 0
+    direct = order.shape[0] == 0
     if not counted:
         per_level[:] = 0
-        for u in range(lo, hi):
-            per_level[sim[u]] += 1
-    cut = _cut(per_level, need)
+        for j in range(lo, hi):
+            v = sim[j if direct else order[j]]
+            if v >= 0:  # -1: out of the window
+                per_level[v] += 1
+    cut = _cut(per_level, need)  # >= 0, so a slot out of the window (-1) is never taken
     size = 0
-    for u in range(lo, hi):
-        if sim[u] >= cut:
-            heap_key[size] = sim[u] * length + positions[start[u]]
-            heap_item[size], heap_depth[size] = u, 0
-            size += 1
+    if direct:  # its own loop: no gather through ``order``
+        for s in range(lo, hi):
+            if sim[s] >= cut:
+                p = slot_last[s]
+                heap_key[size], heap_slot[size], heap_pos[size] = sim[s] * length + p, s, p
+                size += 1
+    else:
+        for j in range(lo, hi):
+            s = order[j]
+            if sim[s] >= cut:
+                p = slot_last[s]
+                heap_key[size], heap_slot[size], heap_pos[size] = sim[s] * length + p, s, p
+                size += 1
     for at in range(size // 2 - 1, -1, -1):
-        _sift_down(heap_key, heap_item, heap_depth, size, at)
+        _sift_down(heap_key, heap_slot, heap_pos, size, at)
     n = 0
     while n < need and size > 0:
-        u, j = heap_item[0], heap_depth[0]
-        out[n] = positions[start[u] + j]
+        s, p = heap_slot[0], heap_pos[0]
+        out[n] = p
         n += 1
-        if j + 1 < count[u]:  # the item's next most recent behaviour takes its place
-            heap_key[0] = sim[u] * length + positions[start[u] + j + 1]
-            heap_depth[0] = j + 1
+        q = prev[p]
+        if q >= start:  # the item's next most recent behaviour in the window takes its place
+            heap_key[0], heap_pos[0] = sim[s] * length + q, q
         else:
             size -= 1
-            heap_key[0], heap_item[0], heap_depth[0] = heap_key[size], heap_item[size], heap_depth[size]
-        _sift_down(heap_key, heap_item, heap_depth, size, 0)
+            heap_key[0], heap_slot[0], heap_pos[0] = heap_key[size], heap_slot[size], heap_pos[size]
+        _sift_down(heap_key, heap_slot, heap_pos, size, 0)
     return n
 
 
 @njit(cache=True)
-def request_routes(target_sig, item_sig, length, start, count, positions, lo, hi, k, quota, disjoint, out, taken, scratch):
-    """Every candidate's routes: positions (C, R, k) into the history (0 where not taken) and
-    the number taken (C, R), slots taken first.
+def state_routes(target_sig, slot_sig, order, slot_last, prev, length, start, lo, hi, k, quota, disjoint, out, taken, scratch):
+    """Every candidate's routes against one user's history kept as chains (``chain_items``):
+    positions (C, R, k) into the history (0 where not taken) into ``out`` (zeroed), and the
+    number taken (C, R) into ``taken``, slots taken first.
 
-    target_sig (C, W), item_sig (U, W) uint64 SimHash signatures of the candidates and of the
-    history's distinct items: similarity = m - hamming, m = 64 W; start, count, positions:
-    ``index_history``; lo, hi (C, R) the items matching each candidate at each route (one run,
-    coarsest route first; lo = hi: no semantic view). Writes out (C, R, k) zeroed and taken
-    (C, R); ``scratch``: the arrays of ``request_scratch``.
+    target_sig (C, W) uint64 SimHash signatures of the candidates, slot_sig (U, W) of the
+    history's distinct items (by slot); order (U,) the slots by SID-prefix rank, lo, hi (C, R)
+    each candidate's run of matching items in ``order`` at each route, coarsest route first
+    (lo = hi: no semantic view); slot_last, prev: the chains; length: the arrays' length;
+    only positions at or after ``start`` are the window (``UserState.max_length``).
     Route r takes its best ``quota`` matching behaviours, then its best behaviours not among
     them, k in all; ``disjoint``: the finest route first, each one among what finer ones left.
     The fills of a route are among the best R k behaviours overall (k if not disjoint), its
     matches among its best quota + (R - 1 - r) k matching ones (quota if not disjoint).
+
+    The behaviours a candidate's routes took (and a route's own matches) are marked in two
+    small hash sets (``_PositionSet``), not in arrays of size T: random access into T-sized
+    stamps missed the cache at long T (measured: most of the kernel's time at T = 10^6).
+    ``scratch``:
+    ``state_scratch``. Per candidate: one popcount pass over the U items, then heaps.
     """
-    c_n, words = target_sig.shape
-    u_n = item_sig.shape[0]
-    levels = 64 * words + 1  # similarity 0..m
+    c_n = target_sig.shape[0]
+    u_n = order.shape[0]
+    levels = 64 * target_sig.shape[1] + 1  # similarity 0..m
     routes = lo.shape[1]
-    heap_key, heap_item, heap_depth, row, best, matched, per_level, used, chosen = scratch
+    heap_key, heap_slot, heap_pos, sim, best, matched, per_level, used, chosen = scratch
     n_best = routes * k if disjoint else k
-    used[:] = -1  # candidate that took the behaviour (disjoint routes)
-    chosen[:] = -1  # candidate * R + route that chose it as a match
+    every = order[:0]  # the overall list reads the slots directly
     for c in range(c_n):
-        per_level[:] = 0
-        for u in range(u_n):  # similarity to every distinct item, and how many per level
-            hamming = 0
-            for w in range(words):
-                hamming += _popcount(target_sig[c, w] ^ item_sig[u, w])
-            row[u] = levels - 1 - hamming
-            per_level[row[u]] += 1
-        n_g = _best_behaviours(row, 0, u_n, n_best, length, start, count, positions, per_level, True, heap_key, heap_item, heap_depth, best)
+        used[:] = -1
+        _similarity_levels(target_sig, c, slot_sig, levels, sim, per_level, slot_last, start)
+        n_g = _best_chained(sim, every, 0, u_n, n_best, length, start, slot_last, prev, per_level, True, heap_key, heap_slot, heap_pos, best)
         for r in range(routes - 1, -1, -1):
             n_m = 0
             if quota > 0 and lo[c, r] < hi[c, r]:
                 depth = quota + (routes - 1 - r) * k if disjoint else quota
-                n_m = _best_behaviours(row, lo[c, r], hi[c, r], depth, length, start, count, positions, per_level, False, heap_key, heap_item, heap_depth, matched)
-            taken[c, r] = _take_route(c, c * routes + r, matched, n_m, best, n_g, k, quota, disjoint, used, chosen, out[c, r])
+                n_m = _best_chained(sim, order, lo[c, r], hi[c, r], depth, length, start, slot_last, prev, per_level, False, heap_key, heap_slot, heap_pos, matched)
+            chosen[:] = -1
+            taken[c, r] = _take_route_sets(matched, n_m, best, n_g, k, quota, disjoint, used, chosen, out[c, r])
+
+
+@njit(cache=True)
+def _set_slot(table, p):
+    """Where position ``p`` is, or would go, in the open-addressing set ``table`` (size a
+    power of two, -1 = empty)."""
+    mask = table.shape[0] - 1
+    h = (p * 0x9E3779B1) & mask
+    while table[h] != -1 and table[h] != p:
+        h = (h + 1) & mask
+    return h
+
+
+@njit(cache=True)
+def _take_route_sets(matched, n_m, best, n_g, k, quota, disjoint, used, chosen, slots):
+    """``_take_route`` with the marks in small hash sets: ``used`` the positions the
+    candidate's finer routes took (disjoint), ``chosen`` this route's matches."""
+    n = 0
+    for i in range(n_m):
+        if n == quota:
+            break
+        p = matched[i]
+        if used[_set_slot(used, p)] == p:
+            continue
+        slots[n] = p
+        chosen[_set_slot(chosen, p)] = p
+        n += 1
+    for i in range(n_g):
+        if n == k:
+            break
+        p = best[i]
+        if used[_set_slot(used, p)] == p or chosen[_set_slot(chosen, p)] == p:
+            continue
+        slots[n] = p
+        n += 1
+    if disjoint:
+        for i in range(n):
+            used[_set_slot(used, slots[i])] = slots[i]
+    return n
+
+
+def state_scratch(distinct: int, k: int, quota: int, routes: int, words: int) -> tuple[np.ndarray, ...]:
+    """``state_routes``'s working arrays: heap (3 x U), similarity per slot (U), best (R k),
+    matched (quota + (R-1) k), per level (64 W + 1), and the two position sets (a power of
+    two, at least 4x what they hold). Nothing of size T."""
+    ints = [distinct, distinct, distinct, distinct, routes * k, quota + (routes - 1) * k, 64 * words + 1]
+    size = 1 << max(4, int(4 * (routes * k + quota)).bit_length())
+    return (*(np.empty(max(n, 1), np.int64) for n in ints), np.empty(size, np.int64), np.empty(size, np.int64))
 
 
 @njit(cache=True)
@@ -201,13 +336,6 @@ def _take_route(owner, route_id, matched, n_m, best, n_g, k, quota, disjoint, us
         for i in range(n):
             used[slots[i]] = owner
     return n
-
-
-def request_scratch(length: int, distinct: int, k: int, quota: int, routes: int, words: int) -> tuple[np.ndarray, ...]:
-    """``request_routes``'s working arrays: heap (3 x U), similarity row (U), best (R k), matched
-    (quota + (R-1) k), per level (64 W + 1), and two stamps per position (T, int32)."""
-    ints = [distinct, distinct, distinct, distinct, routes * k, quota + (routes - 1) * k, 64 * words + 1]
-    return (*(np.empty(n, np.int64) for n in ints), np.empty(length, np.int32), np.empty(length, np.int32))
 
 
 @njit(cache=True)

@@ -14,13 +14,16 @@ Cost: the collisions are (B, T, rounds) integer comparisons. The pooled mean is 
 weight matrix ``w[b, t] = mean_r c[b, t, r] / n[b, r]`` applied with an ``embedding_bag``
 over the batch's distinct items (``pooled_behaviours``), so no (B, T, d) tensor is built even
 though every colliding behaviour's embedding enters the sum; gathering only the colliders
-instead would need ragged per-row lists. Codes are cached per item in eval mode.
+instead would need ragged per-row lists. Codes are kept per item in eval mode.
+Serving keeps, per user, each round's buckets: the count and the embedding sum of the
+behaviours with each code (``BucketIndex``), so a request reads one bucket per round.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 from torch import nn
@@ -28,13 +31,14 @@ from torch import nn
 from r2led.config import ModelConfig
 from r2led.data.batches import Batch
 from r2led.models.avgpool import pooled_behaviours
-from r2led.models.base import CtrModel, short_window
-from r2led.models.layers import ItemTableCache, TargetAttention, seeded_normal
+from r2led.models.base import CtrModel, short_route_head, short_window
+from r2led.models.layers import KeptValue, TargetAttention, seeded_normal
+from r2led.models.user_state import BucketIndex, UserState
 
 
 class SdimConfig(ModelConfig):
     name: Literal["sdim"] = "sdim"
-    rounds: int = Field(4, ge=1, description="hash rounds (independent hash functions)")
+    rounds: int = Field(4, ge=1, le=1024, description="hash rounds (independent hash functions)")
     bits_per_round: int = Field(3, ge=1, le=62, description="random hyperplanes per round (bits of a code)")
 
 
@@ -49,7 +53,7 @@ class SDIM(CtrModel):
         self.proj = nn.Linear(d, d)
         self.short_attention = TargetAttention(d, cfg.heads)
         self.head = self.make_head(4)
-        self._table_cache = ItemTableCache(self.codes)
+        self._codes = KeptValue(lambda: self.codes(self.items.id.weight))
 
     # ---- hash-based sampling ------------------------------------------------------------
     @torch.no_grad()
@@ -60,8 +64,8 @@ class SDIM(CtrModel):
         return (bits * self.powers).sum(-1)
 
     def item_codes(self) -> torch.Tensor:
-        """(N+1, rounds) codes of every item's ID embedding (cached in eval mode)."""
-        return self._table_cache(self.items.id.weight, self.training)
+        """(N+1, rounds) codes of every item's ID embedding (kept in eval mode)."""
+        return self._codes(fresh=self.training)
 
     @torch.no_grad()
     def collision_weights(self, target: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -83,3 +87,27 @@ class SDIM(CtrModel):
 
         x = torch.cat([self.user_repr(batch), target, u, r_short, target * u], dim=-1)
         return self.head(x)
+
+    # ---- the request path -------------------------------------------------------------------
+    def build_request_index(self, state: UserState) -> BucketIndex:
+        """Per round and code: the colliding behaviours' count and embedding sum."""
+        n_codes = 2**self.cfg.bits_per_round
+
+        def codes(items: np.ndarray) -> np.ndarray:
+            return self.item_codes()[torch.from_numpy(np.asarray(items, dtype=np.int64))].numpy()
+
+        def embed(items: np.ndarray, signals: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                i, s = (torch.from_numpy(np.asarray(x, dtype=np.int64)) for x in (items, signals))
+                return self.behaviour_repr(i, s).double().numpy()
+
+        return BucketIndex(state, codes, embed, self.cfg.rounds, n_codes, self.cache_generation)
+
+    def _score_request(self, state: UserState, index: BucketIndex, candidates: torch.Tensor) -> torch.Tensor:
+        target = self.item_repr(candidates)  # (C, d)
+        count, sums = index.current(self.cache_generation)  # (rounds, codes), (rounds, codes, d)
+        codes = self.item_codes()[candidates].numpy()  # (C, rounds)
+        rounds = np.arange(self.cfg.rounds)
+        per_round = sums[rounds, codes] / np.maximum(count[rounds, codes], 1)[..., None]  # (C, rounds, d)
+        u = self.proj(torch.from_numpy(per_round.mean(1)).float())  # (C, d)
+        return short_route_head(self, state, target, u)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 from torch import nn
@@ -28,15 +29,16 @@ from torch.nn import functional as F
 
 from r2led.config import ModelConfig
 from r2led.data.batches import Batch
-from r2led.models.base import CtrModel, short_window
+from r2led.models.base import CtrModel, short_route_head, short_window, state_history
 from r2led.models.layers import MLP, TargetAttention, gather_behaviours, masked_softmax
 from r2led.models.retrieval import recency_keys, topk_keys, topk_scores
+from r2led.models.user_state import ChainIndex, KeyIndex, RequestIndex, UserState, topk_rows
 
 
 class TwoStageConfig(ModelConfig):
     """Settings of a search-then-attend model: the attention budget ``k``."""
 
-    k: int = Field(60, ge=1, description="behaviours the search unit keeps (R2LED's 3 routes x 20)")
+    k: int = Field(60, ge=1, le=100_000, description="behaviours the search unit keeps (R2LED's 3 routes x 20)")
 
 
 class TwoStageModel(CtrModel):
@@ -69,6 +71,23 @@ class TwoStageModel(CtrModel):
         x = torch.cat([self.user_repr(batch), target, u, r_short, target * u], dim=-1)
         return self.head(x)
 
+    # ---- the request path -------------------------------------------------------------------
+    def request_search(self, state: UserState, index: RequestIndex | None, candidates: torch.Tensor, target: torch.Tensor):
+        """``search`` from the user's kept index: positions (C, k) into the state's history and
+        taken (C, k); None: this model has no request search (the batch path is used)."""
+        return None
+
+    def _score_request(self, state: UserState, index: RequestIndex | None, candidates: torch.Tensor) -> torch.Tensor:
+        target = self.item_repr(candidates)  # (C, d)
+        found = self.request_search(state, index, candidates, target)
+        if found is None:
+            return super()._score_request(state, index, candidates)
+        pos, taken = found  # (C, k)
+        hist, signal = state_history(state)
+        r_kv = self.behaviour_repr(hist[pos] * taken, signal[pos] * taken)  # (C, k, d)
+        u = self.attention(target, r_kv, r_kv, taken)  # (C, d)
+        return short_route_head(self, state, target, u)
+
 
 # ---- hard search ------------------------------------------------------------------------
 class SimHardConfig(TwoStageConfig):
@@ -87,11 +106,20 @@ class SimHard(TwoStageModel):
         keys = recency_keys(torch.zeros_like(batch.hist_items), match)  # (B, T) int64
         return topk_keys(keys, self.cfg.k)
 
+    def build_request_index(self, state: UserState) -> ChainIndex:
+        """SIM's user behaviour tree: category -> the user's positions, most recent first."""
+        category = self.items.item_category.cpu().numpy()
+        return ChainIndex(state.items, category, int(category.max(initial=0)) + 1)
+
+    def request_search(self, state, index, candidates, target):
+        pos, n = index.most_recent(self.items.item_category[candidates].numpy(), self.cfg.k, state.start)  # (C, k), (C,)
+        return torch.from_numpy(pos), torch.arange(self.cfg.k) < torch.from_numpy(n).unsqueeze(1)
+
 
 # ---- soft search ------------------------------------------------------------------------
 class SimSoftConfig(TwoStageConfig):
     name: Literal["sim-soft"] = "sim-soft"
-    aux_weight: float = Field(0.1, ge=0.0, description="weight of the soft-search auxiliary CTR loss")
+    aux_weight: float = Field(0.1, ge=0.0, le=100.0, description="weight of the soft-search auxiliary CTR loss")
 
 
 class SimSoft(TwoStageModel):
@@ -124,6 +152,18 @@ class SimSoft(TwoStageModel):
             if with_aux:  # kept for loss(): the scores are already built for the search
                 self._aux = (batch.target, self.auxiliary_logits(scores, r_t, r_h, batch.hist_mask))
         return topk_scores(scores, batch.hist_mask, self.cfg.k)  # selection carries no gradient
+
+    def build_request_index(self, state: UserState) -> KeyIndex:
+        """Every behaviour's retrieval embedding, kept (T, d)."""
+        def keys(items: np.ndarray, signals: np.ndarray) -> np.ndarray:  # (n, d)
+            with torch.no_grad():
+                return self.retrieval.weight[torch.from_numpy(np.asarray(items, dtype=np.int64))].numpy()
+
+        return KeyIndex(state, keys, self.cache_generation)
+
+    def request_search(self, state, index, candidates, target):
+        keys = torch.from_numpy(index.current(self.cache_generation))  # (T, d)
+        return topk_rows(keys, self.retrieval(candidates), self.cfg.k)
 
     def loss(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
         main = super().loss(batch, logits)

@@ -14,6 +14,8 @@ behaviour, ``x_h = item(h) + signal(h)``, is linear (no bias), so
 Cost of the GSU per batch: U item projections (U distinct items, U x d), one (B, T, d) gather
 of those projected keys (what the paper reads from its cache) and a (B, T, h) score; no (B, T, d)
 tensor for the signal part, none kept for backward (the GSU runs without gradient).
+Serving keeps ``W_k x_h`` per behaviour in the user's state (``KeyIndex``), so a request's GSU
+is one (C, d) x (d, T) product in chunks and a top-k.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 
 from r2led.data.batches import Batch
 from r2led.models.layers import per_unique_item
 from r2led.models.retrieval import topk_scores
 from r2led.models.sim import TwoStageConfig, TwoStageModel
+from r2led.models.user_state import KeyIndex, UserState, topk_rows
 
 
 class TwinConfig(TwoStageConfig):
@@ -58,3 +62,21 @@ class TWIN(TwoStageModel):
 
     def search(self, batch: Batch, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return topk_scores(self.gsu_scores(batch, target), batch.hist_mask, self.cfg.k)
+
+    def build_request_index(self, state: UserState) -> KeyIndex:
+        """The behaviour side of the GSU computed once per behaviour: ``W_k x_h`` (T, d)."""
+        att = self.attention
+
+        def keys(items: np.ndarray, signals: np.ndarray) -> np.ndarray:  # (n, d)
+            with torch.no_grad():
+                items, signals = torch.from_numpy(np.asarray(items, dtype=np.int64)), torch.from_numpy(np.asarray(signals, dtype=np.int64))
+                return (per_unique_item(lambda v: att.k(self._item_repr(v)), items) + att.k(self.signal.weight)[signals]).numpy()
+
+        return KeyIndex(state, keys, self.cache_generation)
+
+    def request_search(self, state, index, candidates, target):
+        """The GSU against the kept keys: the mean over heads of the per-head logits is the
+        full dot product over (heads sqrt(d_h)), one product per chunk of behaviours."""
+        att = self.attention
+        keys = torch.from_numpy(index.current(self.cache_generation))  # (T, d)
+        return topk_rows(keys, att.q(target), self.cfg.k, scale=1.0 / (att.heads * math.sqrt(att.head_dim)))
