@@ -44,9 +44,9 @@ def test_a_finished_run_with_other_settings_is_refused_not_reused(tiny_store, tm
     run_accuracy(tiny_store.root, ["din"], 1, out, overrides=FAST, ablations=False)
     # the same command with threads changed reuses the run (threads do not change the model)
     run_accuracy(tiny_store.root, ["din"], 1, out, overrides=[*FAST, "train.threads=2"], ablations=False)
-    with pytest.raises(ConfigError, match=r"model.dropout: 0.0 in the run, 0.1 now"):
+    with pytest.raises(ConfigError, match=r"model.dropout: 0.0 → 0.1"):
         run_accuracy(tiny_store.root, ["din"], 1, out, overrides=[*FAST, "model.dropout=0.1"], ablations=False)
-    with pytest.raises(ConfigError, match=r"train.lr: 0.01 in the run, 0.02 now"):
+    with pytest.raises(ConfigError, match=r"train.lr: 0.01 → 0.02"):
         run_accuracy(tiny_store.root, ["din"], 1, out, overrides=[*FAST, "train.lr=0.02"], ablations=False, report_only=True)
 
 

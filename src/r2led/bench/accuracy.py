@@ -77,35 +77,23 @@ def _run_config(job: Job, seed: int, files: list[Path], overrides: list[str]):
 
 
 def _train(data: Path, job: Job, seed: int, run: Path, files: list[Path], overrides: list[str]) -> dict:
+    """Train ``job`` at ``seed`` into ``run``, or reuse the run when it finished with these
+    settings on this data and SID table (a changed default or config file, or a rebuilt store,
+    would otherwise mix two models in one table)."""
+    from r2led.train.run_folder import config_differences, read_run_config, verify_run
     from r2led.train.trainer import Trainer
 
     cfg = _run_config(job, seed, files, overrides)
-    done = run / "metrics.json"
     if (run / "config.yaml").is_file():
-        _check_same_settings(run, cfg)
+        # threads say how a run was computed, not what it computes
+        diff = config_differences(read_run_config(run)[1], cfg, ignore=frozenset({"train.threads"}))
+        if diff:
+            raise ConfigError(f"{run} was trained with other settings ({'; '.join(diff)}); delete it or use another --out")
+    done = run / "metrics.json"
     if done.is_file():
+        verify_run(run, require_finished=True)
         return json.loads(done.read_text())
     return Trainer(data, cfg, run, resume=True, show_progress=False).fit()
-
-
-def _check_same_settings(run: Path, cfg) -> None:
-    """Refuse to reuse (or resume) a run folder trained with other settings than ``cfg``:
-    a changed default or config file would otherwise mix two models in one table."""
-    from r2led.train.trainer import read_run_config
-
-    saved = read_run_config(run)[1].model_dump()
-    wanted = cfg.model_dump()
-    ignore = {("train", "threads")}  # how a run was computed, not what it computes
-    diff = [
-        f"{section}.{key}: {saved[section].get(key)!r} in the run, {value!r} now"
-        for section in ("model", "train")
-        for key, value in wanted[section].items()
-        if (section, key) not in ignore and saved[section].get(key) != value
-    ]
-    if saved["sid"] != wanted["sid"]:
-        diff.append(f"sid: {saved['sid']!r} in the run, {wanted['sid']!r} now")
-    if diff:
-        raise ConfigError(f"{run} was trained with other settings; delete it or use another --out:\n  " + "\n  ".join(diff))
 
 
 def _yaml_value(value) -> str:

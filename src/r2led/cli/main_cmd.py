@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from r2led.atomic import write_json_atomic, write_text_atomic
 from r2led.cli.common import console, print_table
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "ml-1m.yaml"
@@ -28,6 +29,7 @@ def main_job(
     from r2led.data.sources import load_source
     from r2led.data.store import LifelongStore, build_store
     from r2led.sid.build import build_sid_table
+    from r2led.train.run_folder import verify_run
     from r2led.train.trainer import Trainer
 
     t0 = time.perf_counter()
@@ -45,6 +47,7 @@ def main_job(
     for name in [m.strip() for m in models.split(",") if m.strip()]:
         run = out / name
         if (run / "metrics.json").is_file():
+            verify_run(run, require_finished=True)  # refuses a run of other data or another SID table
             console.print(f"{name}: reusing the finished run in {run}")
             results[name] = json.loads((run / "metrics.json").read_text())
             continue
@@ -58,10 +61,10 @@ def main_job(
     cols = ["model", "test AUC", "test LogLoss", "test GAUC", "valid AUC", "train samples/s", "wall s"]
     print_table(f"{store.name}: test split ({store.manifest['samples']['test']:,} rows), seed {seed}", cols, rows)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps({"results": results, "seconds": round(time.perf_counter() - t0, 1)}, indent=2))
+    write_json_atomic(out / "summary.json", {"results": results, "seconds": round(time.perf_counter() - t0, 1)})
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(f"{v:.4f}" if isinstance(v, float) and v < 10 else str(v) for v in row) + " |" for row in rows]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "summary.md", "\n".join(lines) + "\n")
     console.print(f"done in {time.perf_counter() - t0:.0f} s; summary in {out}/summary.md")
 
 
