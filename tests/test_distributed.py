@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,6 +36,12 @@ def test_torchrun_two_processes_train_one_model(tiny_store, tmp_path):
     # each process took every other batch: an epoch is half the single-process step count
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1.0, 2.0, 3.0, 4.0]
+    # the global batch stays train.batch_size: each rank steps on half of it (logged)
+    assert "DDP: 2 ranks x 32 samples = global batch 64" in (out / "train.log").read_text()
+    # every rank scored its shard; the metrics cover the whole split, gathered in split order
+    assert all(h["samples"] == len(tiny_store.split_indices("valid")) for h in history)
+    test_pred = np.load(out / "test_pred.npy")
+    assert len(test_pred) == len(tiny_store.split_indices("test")) and np.isfinite(test_pred).all()
 
 
 # ---- the rules, without launching processes ----------------------------------------------------

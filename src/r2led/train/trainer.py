@@ -17,8 +17,10 @@ but the log is written atomically; checkpoints hold only tensors and plain data.
 that diverges (a non-finite loss or parameters) stops at once with :class:`TrainingDiverged`;
 the checkpoints from before stay as they were.
 
-Started by ``torchrun --nproc_per_node N``, each process trains on every N-th batch under
-DistributedDataParallel (gloo on CPU); rank 0 evaluates, checkpoints and writes the run folder.
+Started by ``torchrun --nproc_per_node N``, each process trains on its shard of the sample table
+under DistributedDataParallel with ``batch_size / N`` samples a step (the global batch and the
+learning rate do not depend on N), evaluates its shard (predictions gathered for the metrics);
+rank 0 checkpoints and writes the run folder. See ``r2led.train.distributed``.
 """
 
 from __future__ import annotations
@@ -26,15 +28,12 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from r2led.atomic import write_bytes_atomic, write_json_atomic
@@ -46,6 +45,7 @@ from r2led.models.registry import build_model, model_class
 from r2led.models.spec import DataSpec
 from r2led.sid.table import SidTable
 from r2led.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from r2led.train.distributed import Distributed, configure_threads, local_batch_size, shard_store
 from r2led.train.metrics import ctr_metrics
 from r2led.train.memory import check_memory
 from r2led.train.run_folder import (  # noqa: F401  (read_run_config: re-exported for callers)
@@ -77,32 +77,7 @@ def load_sid(store: LifelongStore, cfg: RunConfig) -> SidTable | None:
     return SidTable.load(store.root / cfg.sid, n_items=store.n_items)
 
 
-@dataclass
-class Distributed:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> "Distributed":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1 and not dist.is_initialized():
-            dist.init_process_group("gloo")
-        return cls(int(os.environ.get("RANK", "0")), world)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def broadcast_flag(self, value: bool) -> bool:
-        if self.world == 1:
-            return value
-        flag = torch.tensor([int(value)])
-        dist.broadcast(flag, 0)
-        return bool(flag.item())
+EVAL_TOKENS = 1 << 22  # an evaluation batch holds at most this many (padded) history tokens
 
 
 @torch.no_grad()
@@ -111,7 +86,7 @@ def predict(model: torch.nn.Module, store: LifelongStore, sample_idx: np.ndarray
     model.eval()
     order = np.argsort(store.history_lengths(sample_idx, t_max), kind="stable")
     out = np.empty(len(sample_idx), dtype=np.float64)
-    it = BatchIterator(store, sample_idx[order], batch_size, t_max)
+    it = BatchIterator(store, sample_idx[order], batch_size, t_max, max_tokens=EVAL_TOKENS)
     pos = 0
     for batch in it:
         n = len(batch)
@@ -121,19 +96,24 @@ def predict(model: torch.nn.Module, store: LifelongStore, sample_idx: np.ndarray
 
 
 def evaluate_split(
-    model, store: LifelongStore, split: str, cfg: RunConfig, limit: int | None = None, predictions: Path | None = None
+    model, store: LifelongStore, split: str, cfg: RunConfig, limit: int | None = None, predictions: Path | None = None,
+    d: Distributed | None = None,
 ) -> dict:
     """AUC / LogLoss / GAUC of ``model`` on a whole split (or its first ``limit`` samples).
 
     ``predictions``: also save the probabilities there (``.npy``, in split order), so that
     runs can be compared row by row (significance tests).
     """
+    d = d or Distributed()
     idx = store.split_indices(split)
-    if limit is not None and limit < len(idx):
+    if d.world == 1 and limit is not None and limit < len(idx):  # with ranks, the shards are cut already
         idx = idx[:limit]
     t0 = time.perf_counter()
     prob = predict(model, store, idx, cfg.train.eval_batch_size, cfg.train.t_max)
     seconds = time.perf_counter() - t0
+    s = store.sample_arrays
+    # every rank scored its shard; all predictions, in split order, for the metrics
+    prob, label, user = d.gather(prob, s["label"][idx], s["user"][idx])
     bad = int(np.count_nonzero(~np.isfinite(prob)))
     if bad:  # scikit-learn would fail later with a less helpful message
         raise TrainingDiverged(f"the model's predictions on {split} are not finite ({bad:,} of {len(prob):,} samples)")
@@ -141,10 +121,9 @@ def evaluate_split(
         buffer = io.BytesIO()
         np.save(buffer, prob.astype(np.float32))
         write_bytes_atomic(predictions, buffer.getvalue())
-    s = store.sample_arrays
-    metrics = ctr_metrics(s["label"][idx], prob, s["user"][idx])
-    metrics["samples"] = int(len(idx))
-    metrics["samples_per_s"] = round(len(idx) / max(seconds, 1e-9), 1)
+    metrics = ctr_metrics(label, prob, user)
+    metrics["samples"] = int(len(prob))
+    metrics["samples_per_s"] = round(len(prob) / max(seconds, 1e-9), 1)
     return metrics
 
 
@@ -165,8 +144,7 @@ class Trainer:
         self.cfg, self.out, self.resume = cfg, Path(out), resume
         self.show_progress = show_progress
         self.dist = Distributed.from_env()
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        self.threads = configure_threads(cfg.train.threads, self.dist)
         seed_everything(cfg.train.seed)
         self.store = LifelongStore(data)
         self.fingerprints = fingerprints(self.store.root, cfg)
@@ -180,8 +158,10 @@ class Trainer:
         if self.dist.world > 1:
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.model)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        if self.dist.world > 1:  # this rank's shard of each split (train cut to equal shards)
+            self.store = shard_store(self.store, self.dist, cfg.train.max_train_samples, cfg.train.max_eval_samples)
         self.train_idx = self.store.split_indices("train")
-        if cfg.train.max_train_samples:
+        if cfg.train.max_train_samples and self.dist.world == 1:
             self.train_idx = self.train_idx[: cfg.train.max_train_samples]
         self._log_handler: logging.Handler | None = None
 
@@ -214,7 +194,7 @@ class Trainer:
         }
 
     def _evaluate(self, split: str, predictions: Path | None = None) -> dict:
-        return evaluate_split(self.model, self.store, split, self.cfg, self.cfg.train.max_eval_samples, predictions)
+        return evaluate_split(self.model, self.store, split, self.cfg, self.cfg.train.max_eval_samples, predictions, self.dist)
 
     # ---- the loop -----------------------------------------------------------------------
     def fit(self) -> dict:
@@ -246,8 +226,8 @@ class Trainer:
             log.info("resumed from %s at epoch %d batch %d (best valid AUC %.4f)", self.out / "last.pt", epoch, start_batch, best)
         net = self.ddp or self.model
         batches = BatchIterator(
-            self.store, self.train_idx, tc.batch_size, tc.t_max, shuffle=True, seed=tc.seed,
-            bucket=tc.bucket, rank=self.dist.rank, world=self.dist.world, drop_uneven=True,
+            self.store, self.train_idx, local_batch_size(tc.batch_size, self.dist), tc.t_max, shuffle=True, seed=tc.seed,
+            bucket=tc.bucket,  # the store is this rank's shard (equal sizes: equal step counts)
         )
         stop = bad > tc.patience
         progress = Progress(
@@ -292,14 +272,15 @@ class Trainer:
     def _checkpoint(self, epoch, batch, best, bad, history, train_seconds, seen, n_batches) -> tuple[bool, float, int]:
         """Evaluate on valid (rank 0), keep the best model, save resumable state, decide to stop."""
         stop = False
+        # every rank: the replicas are identical, so all ranks stop together
+        broken = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if broken:
+            raise TrainingDiverged(
+                f"training diverged by epoch {epoch + 1}, step {batch}: {len(broken)} parameter tensors are not "
+                f"finite (first {broken[0]}); lower train.lr, now {self.cfg.train.lr:g}"
+            )
+        metrics = self._evaluate("valid")  # every rank scores its shard; all get the metrics
         if self.dist.main:
-            broken = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
-            if broken:
-                raise TrainingDiverged(
-                    f"training diverged by epoch {epoch + 1}, step {batch}: {len(broken)} parameter tensors are not "
-                    f"finite (first {broken[0]}); lower train.lr, now {self.cfg.train.lr:g}"
-                )
-            metrics = self._evaluate("valid")
             metrics.update(epoch=epoch + batch / n_batches, train_seconds=round(train_seconds, 1))
             history.append(metrics)
             improved = metrics["auc"] > best
@@ -321,11 +302,14 @@ class Trainer:
 
     def _finish(self, best, history, train_seconds, seen, seconds) -> dict:
         result: dict = {}
+        valid = None
         if self.dist.main:
             state = load_checkpoint(self.out / "best.pt")
             self.model.load_state_dict(state["model"])
             valid = state["valid"]
-            test = self._evaluate("test", predictions=self.out / "test_pred.npy")
+        self.dist.broadcast_module(self.model)  # the best model on every rank, for its test shard
+        test = self._evaluate("test", predictions=self.out / "test_pred.npy" if self.dist.main else None)
+        if self.dist.main:
             result = {
                 "model": self.cfg.model.name,
                 "seed": self.cfg.train.seed,
