@@ -6,9 +6,9 @@ history store (``r2led.serve.history_store``) and, while a user is active, in th
 ``UserHistories`` cache (``r2led.serve.user_cache``).
 
 ``ScoringModel.score`` is the single place where the service calls the model: one user's
-history (T,) x C candidates -> C click probabilities. When the models expose their explicit
-request API (one user state x many candidates), it replaces the body of ``score`` and the
-per-user state moves into ``UserState`` (``r2led.serve.user_cache``); nothing else changes.
+history (T,) x C candidates -> C click probabilities, through the model's request API
+(``model.new_user_state`` once per cached copy of a user's history, kept in
+``UserState.kept``; ``model.score_request`` per request).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from r2led.data.batches import Batch
 from r2led.serve.errors import ScoringInputError, UnknownItemError, clip
 
 
@@ -112,32 +111,27 @@ class ScoringModel:
         return codes
 
     # ---- the model call ---------------------------------------------------------------------
-    @torch.no_grad()
-    def score(self, user_row: int, feats: np.ndarray, items: np.ndarray, signals: np.ndarray, target: np.ndarray) -> np.ndarray:
+    def score(
+        self, user_row: int, feats: np.ndarray, items: np.ndarray, signals: np.ndarray, target: np.ndarray,
+        kept: dict | None = None,
+    ) -> np.ndarray:
         """Click probabilities (C,) float64 of ``target`` (C,) item ids for one user: table row
-        ``user_row`` (-1: none), feature codes ``feats`` (F,), history ``items``/``signals`` (T,)
-        item ids and signals, most recent last (T may be 0).
+        ``user_row`` (-1: none; the models score from the feature codes), feature codes ``feats``
+        (F,), history ``items``/``signals`` (T,) item ids and signals, most recent last (T may be 0).
 
-        The one place the service calls the model (see the module docstring). Today it builds a
-        Batch whose history (1, T) is ``expand``-ed to (C, T) with no copy; R2LED sees that every
-        row is the same request and retrieves once.
+        The one place the service calls the model: its request API (``model.new_user_state`` and
+        ``model.score_request``, see ``r2led.models.user_state``), exact to the batch path.
+        ``kept``: a dict kept with this copy of the user's history; the model's user state (and the
+        per-user index each model builds in it) is kept there, so a repeated request does not
+        rebuild it. Without it the state is built inside the request (cold).
         """
-        if len(items) == 0:  # one padding column, as a batch pads an empty history
-            items, signals, mask = np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, bool)
-        else:
-            mask = np.ones(len(items), dtype=bool)
-        n = len(target)
-        batch = Batch(
-            user=torch.full((n,), user_row, dtype=torch.long),
-            user_feats=torch.from_numpy(np.ascontiguousarray(feats)).unsqueeze(0).expand(n, -1),  # (C, F)
-            target=torch.from_numpy(np.ascontiguousarray(target)),  # (C,)
-            hist_items=torch.from_numpy(np.ascontiguousarray(items)).unsqueeze(0).expand(n, -1),  # (C, T), stride 0 over C
-            hist_signal=torch.from_numpy(np.ascontiguousarray(signals)).unsqueeze(0).expand(n, -1),  # (C, T)
-            hist_mask=torch.from_numpy(mask).unsqueeze(0).expand(n, -1),  # (C, T)
-            label=torch.zeros(n),
-        )
+        state = kept.get("request_state") if kept is not None else None
+        if state is None:
+            state = self.model.new_user_state(items, signals, feats, max_length=self.t_max)
+            if kept is not None:
+                kept["request_state"] = state
         with self._model_lock:
-            logits = self.model(batch)  # (C,)
+            logits = self.model.score_request(state, target)  # (C,)
         return torch.sigmoid(logits).double().numpy()
 
     def warm_up(self) -> float:

@@ -128,13 +128,14 @@ class ScoringService:
             raise ScoringInputError(f"{n} candidates exceed the limit of {self.max_candidates} per request; split the request")
         target = self.scoring.item_ids([str(k) for k in candidates])  # (C,)
         state = self.users.state(user)
+        kept = None
         if state is None:
             if not self.scoring.in_user_table(user):
                 raise UnknownUserError(user)
             items = signals = np.zeros(0, np.int64)
             codes = self.scoring.feature_codes(user, {})
         else:
-            items, signals, codes = state.items, state.signals, state.feature_codes
+            items, signals, codes, kept = state.items, state.signals, state.feature_codes, state.kept
         wall, cpu = time.perf_counter(), time.thread_time()
-        scores = self.scoring.score(self.scoring.user_row(user), codes, items, signals, target)
+        scores = self.scoring.score(self.scoring.user_row(user), codes, items, signals, target, kept=kept)
         return Scored(scores, len(items), time.perf_counter() - wall, time.thread_time() - cpu)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,6 +36,9 @@ class UserState:
     features: dict[str, str]  # feature values set through the API
     feature_codes: np.ndarray  # (F,) int64
     skipped: int = 0  # stored items the model does not know (left out of scoring)
+    # the model's request state (``model.new_user_state``), built on the first score of this
+    # copy and kept with it; a newer store change builds a new UserState, and so a new one
+    kept: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 class UserHistories:
