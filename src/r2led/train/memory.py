@@ -37,6 +37,7 @@ from r2led.config import RunConfig
 from r2led.errors import ConfigError
 
 GB = 1e9
+EVAL_TOKENS = 1 << 22  # an evaluation batch holds at most this many (padded) history tokens
 STEP_OVERHEAD = 96 * 2**20  # allocator arenas, autograd and thread workspaces of one step (measured ~80 MB)
 INDEX_BYTES = 64  # per history slot: the batch's int64 items/signal, mask and the window's index arrays
 # Per history slot and per unit of d, the float activations (and their gradients) a model keeps
@@ -128,6 +129,7 @@ def estimate_memory(cfg: RunConfig, manifest: dict, sid_vocab: list[int] | None 
     per_slot = SLOT_BYTES_PER_DIM * d
     train_step = batch * (length * per_behaviour + slots * per_slot)
     eval_per_behaviour = INDEX_BYTES + EVAL_SHARE * (per_behaviour - INDEX_BYTES)
+    eval_batch = max(1, min(eval_batch, EVAL_TOKENS // length))  # the trainer's token cap (predict)
     eval_bytes = eval_batch * (length * eval_per_behaviour + slots * EVAL_SHARE * per_slot)
 
     params = _parameters(cfg, manifest, sid_vocab)

@@ -47,7 +47,7 @@ from r2led.sid.table import SidTable
 from r2led.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from r2led.train.distributed import Distributed, configure_threads, local_batch_size, shard_store
 from r2led.train.metrics import ctr_metrics
-from r2led.train.memory import check_memory
+from r2led.train.memory import EVAL_TOKENS, check_memory
 from r2led.train.run_folder import (  # noqa: F401  (read_run_config: re-exported for callers)
     check_run_folder,
     clear_run_folder,
@@ -77,7 +77,6 @@ def load_sid(store: LifelongStore, cfg: RunConfig) -> SidTable | None:
     return SidTable.load(store.root / cfg.sid, n_items=store.n_items)
 
 
-EVAL_TOKENS = 1 << 22  # an evaluation batch holds at most this many (padded) history tokens
 
 
 @torch.no_grad()
