@@ -17,7 +17,11 @@ def test_accuracy_benchmark_writes_tables_plot_and_pvalues(tiny_store, tmp_path)
     assert set(results) == {"r2led", "din", "din +sid", *[f"r2led {a}" for a in ABLATIONS]}
     saved = json.loads((out / "results.json").read_text())["results"]
     din = saved["din"]
-    assert len(din["seeds"]) == 2 and din["test"]["auc"]["std"] >= 0
+    aucs = [seed["test"]["auc"] for seed in din["seeds"]]
+    assert len(aucs) == 2
+    # the summary is the sample mean and the (n - 1) standard deviation of the per-seed AUCs
+    assert din["test"]["auc"]["mean"] == pytest.approx((aucs[0] + aucs[1]) / 2)
+    assert din["test"]["auc"]["std"] == pytest.approx(abs(aucs[0] - aucs[1]) / 2**0.5)
     assert 0.5 < din["test"]["auc"]["mean"] < 1.0
     assert len(din["delong_p_vs_r2led"]) == 2 and all(0 <= p <= 1 for p in din["delong_p_vs_r2led"])
     md = (out / "results.md").read_text()

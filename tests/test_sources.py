@@ -446,11 +446,72 @@ def test_repeated_kuairand_log_rows_are_dropped(tmp_path):
 
 
 # ---- MovieLens (tiny hand-written atomic files in the packaged format) --------------------------
+# Made-up rows written at test time (no MovieLens data is committed); each repeats one
+# (user, item, timestamp) row.
+MOVIELENS_FILES = {
+    'ml-100k/ml-100k.inter': (
+        'user_id:token\titem_id:token\trating:float\ttimestamp:float\n'
+        '1\t10\t4\t880000100\n'
+        '1\t11\t2\t880000200\n'
+        '1\t12\t5\t880000300\n'
+        '2\t10\t3\t890000100\n'
+        '2\t12\t1\t890000200\n'
+        '1\t13\t4\t880000400\n'
+        '2\t11\t5\t890000300\n'
+        '3\t13\t2\t885000000\n'
+        '1\t11\t2\t880000200\n'
+        '1\t10\t4\t880000500\n'
+    ),
+    'ml-100k/ml-100k.item': (
+        'item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n'
+        '10\tFirst Film\t1995\tAnimation Comedy\n'
+        '11\tSecond Film\t1994\tDrama\n'
+        '12\tThird Film\t\tAction Thriller\n'
+        '13\tFourth Film\t1997\tDrama Romance\n'
+    ),
+    'ml-100k/ml-100k.user': (
+        'user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n'
+        '1\t30\tM\tengineer\t10001\n'
+        '2\t51\tF\tother\t20002\n'
+        '3\t17\tM\twriter\t30003\n'
+    ),
+    'ml-1m/ml-1m.inter': (
+        'user_id:token\titem_id:token\trating:float\ttimestamp:float\n'
+        '1m_1\tFilm One (1975)\t5\t970000100\n'
+        '1m_1\tFilm Two (1996)\t3\t970000300\n'
+        '1m_2\tFilm One (1975)\t4\t969000100\n'
+        '1m_1\tFilm Three (1995)\t1\t970000200\n'
+        '1m_2\tFilm Two (1996)\t2\t969000200\n'
+        '1m_1\tFilm Two (1996)\t3\t970000300\n'
+        '1m_2\tFilm Three (1995)\t5\t969000300\n'
+    ),
+    'ml-1m/ml-1m.item': (
+        'item_id:token\tmovie_title:token\trelease_year:float\tgenre:token\n'
+        'Film One (1975)\tFilm One\t1975.0\tDrama\n'
+        "Film Two (1996)\tFilm Two\t1996\tAnimation Children's Musical\n"
+        'Film Three (1995)\tFilm Three\t1995\tComedy\n'
+    ),
+    'ml-1m/ml-1m.user': (
+        'user_id:token\tage:float\tgender:token\toccupation:float\tzip_code:token\n'
+        '1m_1\t25\tF\t4\t11111\n'
+        '1m_2\t45\tM\t7\t22222\n'
+    ),
+}
+
+
+def _movielens(tmp_path: Path, name: str) -> Path:
+    """The tiny atomic files of ``name`` (ml-100k | ml-1m), written to a folder of their own."""
+    folder = tmp_path / f"{name}-files"
+    folder.mkdir(exist_ok=True)
+    for key, text in MOVIELENS_FILES.items():
+        if key.startswith(name + "/"):
+            (folder / key.split("/", 1)[1]).write_text(text)
+    return folder
 
 
 @pytest.mark.parametrize("name, loader, rows", [("ml-100k", load_ml100k, 9), ("ml-1m", load_ml1m, 6)])
 def test_movielens_readers_drop_a_repeated_rating(tmp_path, name, loader, rows):
-    t = loader(path=FIXTURES / name)  # each fixture repeats one (user, item, timestamp) row
+    t = loader(path=_movielens(tmp_path, name))  # each fixture repeats one (user, item, timestamp) row
     assert (t.interactions.height, t.duplicates_dropped) == (rows, 1)
     assert t.interactions.select(pl.struct("user", "item", "ts").is_duplicated().any()).item() is False
     store = build_store(t, tmp_path / name, Protocol(min_history=0))
@@ -458,11 +519,10 @@ def test_movielens_readers_drop_a_repeated_rating(tmp_path, name, loader, rows):
 
 
 def _ml100k_with(tmp_path, line: str) -> Path:
-    for f in (FIXTURES / "ml-100k").iterdir():
-        shutil.copy(f, tmp_path)
-    inter = (FIXTURES / "ml-100k" / "ml-100k.inter").read_text().splitlines()
-    (tmp_path / "ml-100k.inter").write_text("\n".join(inter[:2] + [line] + inter[2:]) + "\n")
-    return tmp_path
+    folder = _movielens(tmp_path, "ml-100k")
+    inter = (folder / "ml-100k.inter").read_text().splitlines()
+    (folder / "ml-100k.inter").write_text("\n".join(inter[:2] + [line] + inter[2:]) + "\n")
+    return folder
 
 
 @pytest.mark.parametrize(
