@@ -82,7 +82,17 @@ def _start_server(bundle: Path, store: str, workers: int, threads: int, port: in
     script = Path(sys.executable).parent / "r2led"
     cmd = [str(script) if script.is_file() else "r2led", "serve", str(bundle), "--store", store, "--port", str(port),
            "--workers", str(workers), "--threads", str(threads), "--max-body-bytes", str(64 << 20)]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    # stderr goes to a file, not a pipe: a pipe nobody reads fills up under load and stalls the server
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env, start_new_session=True)
+    proc.log = log
+    return proc
+
+
+def _server_log(proc) -> str:
+    """The last 500 characters the server wrote to stderr."""
+    proc.log.seek(0)
+    return proc.log.read().decode(errors="replace")[-500:]
 
 
 async def _wait_ready(client, url: str, proc, timeout: float = 300) -> None:
@@ -91,7 +101,7 @@ async def _wait_ready(client, url: str, proc, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise R2ledError(f"r2led serve exited with {proc.returncode}: {proc.stderr.read().decode()[-500:]}")
+            raise R2ledError(f"r2led serve exited with {proc.returncode}: {_server_log(proc)}")
         try:
             if (await client.get(url + "/health", timeout=2)).status_code == 200:
                 return
@@ -136,10 +146,10 @@ async def _drive(url: str, proc, item_keys: list[str], history: int, clients: in
                 except httpx.HTTPError:
                     errors += 1
                     continue
-                latencies.append(time.perf_counter() - start)
-                if r.status_code != 200:
+                if r.status_code != 200:  # an error is counted, never timed as a served request
                     errors += 1
                     continue
+                latencies.append(time.perf_counter() - start)
                 timing = dict(part.strip().split(";dur=") for part in r.headers.get("server-timing", "").split(",") if ";dur=" in part)
                 model_cpu.append(float(timing.get("model-cpu", "nan")))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
@@ -46,6 +45,7 @@ def serve(
     """Serve a bundle over HTTP: GET /health, GET|PUT /users/U/history, POST /users/U/events, POST /score."""
     from r2led.serve import server
     from r2led.serve.limits import Limits, read_api_keys
+    from r2led.train.distributed import usable_cores
 
     limits = Limits(max_body_bytes=max_body_bytes, max_candidates=max_candidates, max_key_length=max_key_length, max_events=max_events)
     if api_key_file is not None:
@@ -53,7 +53,7 @@ def serve(
     cfg = server.ServeConfig(
         bundle=str(bundle.resolve()), store=store if "://" in store else str(Path(store).resolve()),
         api_key_file=str(api_key_file.resolve()) if api_key_file else None, max_users_in_memory=max_users_in_memory,
-        threads=threads or max(1, (os.cpu_count() or 1) // workers), limits=vars(limits),
+        threads=threads or max(1, usable_cores() // workers), limits=vars(limits),
     )
     if preload is not None:
         n = server.preload(cfg, preload)

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, create_model
 
 from r2led import __version__
-from r2led.serve.errors import ScoringInputError, UnknownItemError, UnknownUserError, clip
+from r2led.serve.errors import ECHO_CHARS, ScoringInputError, UnknownItemError, UnknownUserError, clip
 from r2led.serve.guards import OPEN_PATHS, Guards
 from r2led.serve.limits import Limits
 from r2led.serve.scoring_service import ScoringService
@@ -266,7 +266,9 @@ def create_app(service: ScoringService, limits: Limits | None = None, api_keys: 
 
 def _where(loc) -> str:
     """``body.candidates.0`` from pydantic's location, without its union-branch tags."""
-    return ".".join(str(p) for p in loc if isinstance(p, int) or not any(c in p for c in "[(-") and p not in ("str", "int"))
+    parts = (str(p) if isinstance(p, int) else p if len(p) <= ECHO_CHARS else f"{p[:ECHO_CHARS]}..." for p in loc
+             if isinstance(p, int) or not any(c in p for c in "[(-") and p not in ("str", "int"))
+    return ".".join(parts)  # a part can be a client's field name: clipped like any echoed value
 
 
 def _allowed_methods(app: FastAPI, scope) -> set[str]:

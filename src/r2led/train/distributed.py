@@ -3,7 +3,7 @@
 The rules (``docs/scale.md`` shows the launch on one or several nodes):
 
 - **Engine.** ``torchrun`` starts the ranks; ``Distributed.from_env`` joins the process group
-  (gloo on CPU, nccl when CUDA is present) from torchrun's environment.
+  (gloo: the trainer keeps its tensors on the CPU) from torchrun's environment.
 - **Batch and learning rate.** The global batch is ``train.batch_size`` whatever the number of
   ranks: each rank takes ``batch_size / world`` samples a step and DDP averages the gradients,
   so a step is the single-process step on a batch of the same size, and ``train.lr`` is kept
@@ -49,7 +49,7 @@ class Distributed:
     def from_env(cls) -> "Distributed":
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group("gloo")  # the trainer keeps every tensor on the CPU; nccl would refuse them
         return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
 
     def barrier(self) -> None:
