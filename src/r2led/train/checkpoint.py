@@ -9,7 +9,6 @@ cannot run code under ``r2led evaluate`` or ``r2led train --resume``.
 
 from __future__ import annotations
 
-import io
 import pickle
 import random
 from collections import OrderedDict
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from r2led.atomic import write_bytes_atomic
+from r2led.atomic import staged_file
 from r2led.errors import CheckpointError
 
 # Exact types: numpy scalars subclass float/int but would be refused on loading.
@@ -46,9 +45,8 @@ def _check_plain(obj: object, where: str = "state") -> None:
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """Write ``state`` (tensors and plain containers only) to ``path`` atomically."""
     _check_plain(state)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    write_bytes_atomic(path, buffer.getvalue())
+    with staged_file(path) as tmp:  # straight to disk: no second in-memory copy of model + Adam state
+        torch.save(state, tmp)
 
 
 def _reason(exc: BaseException) -> str:

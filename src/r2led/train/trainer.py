@@ -25,7 +25,6 @@ rank 0 checkpoints and writes the run folder. See ``r2led.train.distributed``.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import random
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from r2led.atomic import write_bytes_atomic, write_json_atomic
+from r2led.atomic import staged_file, write_json_atomic
 from r2led.config import RunConfig
 from r2led.data.batches import BatchIterator
 from r2led.data.store import LifelongStore
@@ -117,9 +116,8 @@ def evaluate_split(
     if bad:  # scikit-learn would fail later with a less helpful message
         raise TrainingDiverged(f"the model's predictions on {split} are not finite ({bad:,} of {len(prob):,} samples)")
     if predictions is not None:
-        buffer = io.BytesIO()
-        np.save(buffer, prob.astype(np.float32))
-        write_bytes_atomic(predictions, buffer.getvalue())
+        with staged_file(predictions) as tmp:
+            np.save(tmp, prob.astype(np.float32))
     metrics = ctr_metrics(label, prob, user)
     metrics["samples"] = int(len(prob))
     metrics["samples_per_s"] = round(len(prob) / max(seconds, 1e-9), 1)
