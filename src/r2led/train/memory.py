@@ -28,7 +28,6 @@ ml-100k epoch (R2LED and DIN over the whole history, default settings) it is 0.8
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,14 +200,14 @@ def available_memory() -> int:
 
 
 def check_memory(
-    cfg: RunConfig, manifest: dict, sid_vocab: list[int] | None = None, max_memory: str | int | None = None
+    cfg: RunConfig, manifest: dict, sid_vocab: list[int] | None = None, max_memory: str | int | None = None,
+    world: int = 1, local: int = 1,
 ) -> MemoryEstimate:
     """Refuse (``ConfigError``, one line with the estimate) a run that will not fit in memory.
 
     ``max_memory``: the budget to allow instead of the memory available now (``"8GB"``).
+    ``world`` / ``local``: the ranks in all and on this node (the trainer's ``Distributed``).
     """
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")) or 1)
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     est = estimate_memory(cfg, manifest, sid_vocab, world=world)
     if max_memory is not None:
         budget, source = parse_size(max_memory), "--max-memory"

@@ -115,6 +115,8 @@ def evaluate_split(
     bad = int(np.count_nonzero(~np.isfinite(prob)))
     if bad:  # scikit-learn would fail later with a less helpful message
         raise TrainingDiverged(f"the model's predictions on {split} are not finite ({bad:,} of {len(prob):,} samples)")
+    if not d.main:  # every rank checked the predictions (they stop together); only rank 0 uses the metrics
+        return {}
     if predictions is not None:
         with staged_file(predictions) as tmp:
             np.save(tmp, prob.astype(np.float32))
@@ -148,7 +150,10 @@ class Trainer:
         # every rank checks (read-only); building DDP below syncs the ranks before rank 0 writes
         self.action = check_run_folder(self.out, self.store.root, cfg, self.fingerprints, resume=resume, force=force)
         self.sid = load_sid(self.store, cfg)
-        self.memory = check_memory(cfg, self.store.manifest, self.sid.vocab_sizes if self.sid else None, max_memory)
+        self.memory = check_memory(
+            cfg, self.store.manifest, self.sid.vocab_sizes if self.sid else None, max_memory,
+            world=self.dist.world, local=self.dist.local_world,
+        )
         self.spec = DataSpec.from_store(self.store)
         self.model = build_model(cfg.model, self.spec, self.sid)
         self.ddp = None
@@ -276,7 +281,7 @@ class Trainer:
                 f"training diverged by epoch {epoch + 1}, step {batch}: {len(broken)} parameter tensors are not "
                 f"finite (first {broken[0]}); lower train.lr, now {self.cfg.train.lr:g}"
             )
-        metrics = self._evaluate("valid")  # every rank scores its shard; all get the metrics
+        metrics = self._evaluate("valid")  # every rank scores its shard; rank 0 gets the metrics
         if self.dist.main:
             metrics.update(epoch=epoch + batch / n_batches, train_seconds=round(train_seconds, 1))
             history.append(metrics)
