@@ -26,7 +26,9 @@ def make_tables(n_users: int = 60, n_items: int = 80, length: int = 40, seed: in
         items += [f"i{i}" for i in chosen]
         ts += list(np.sort(rng.integers(0, 10_000, n)))
         signal += list(rating)
-    inter = pl.DataFrame({"user": users, "item": items, "ts": np.array(ts, dtype=np.int64), "signal": np.array(signal, dtype=np.int64)})
+    inter = pl.DataFrame(
+        {"user": users, "item": items, "ts": np.array(ts, dtype=np.int64), "signal": np.array(signal, dtype=np.int64)}
+    )
     item_tbl = pl.DataFrame(
         {
             "item": [f"i{i}" for i in range(n_items)],
@@ -35,7 +37,9 @@ def make_tables(n_users: int = 60, n_items: int = 80, length: int = 40, seed: in
             "tags": [[f"g{group[i]}", f"t{i % 3}"] for i in range(n_items)],
         }
     )
-    user_tbl = pl.DataFrame({"user": [f"u{u}" for u in range(n_users)], "segment": [f"s{u % 4}" for u in range(n_users)]})
+    user_tbl = pl.DataFrame(
+        {"user": [f"u{u}" for u in range(n_users)], "segment": [f"s{u % 4}" for u in range(n_users)]}
+    )
     return CanonicalTables("tiny", inter, item_tbl, user_tbl)
 
 

@@ -88,11 +88,10 @@ def test_enospc_on_the_second_file_keeps_the_old_folder_byte_for_byte(tmp_path, 
     out = tmp_path / "art"
     before = old_folder(out)
     save, calls = save_fails_on_call(2)
-    with pytest.raises(OSError) as info:
-        with staged_folder(out) as tmp:
-            save(tmp / "one.npy", np.arange(100))
-            save(tmp / "two.npy", np.arange(10_000))  # half-written, then ENOSPC
-            (tmp / "three.json").write_text("{}")
+    with pytest.raises(OSError) as info, staged_folder(out) as tmp:
+        save(tmp / "one.npy", np.arange(100))
+        save(tmp / "two.npy", np.arange(10_000))  # half-written, then ENOSPC
+        (tmp / "three.json").write_text("{}")
     assert info.value.errno == errno.ENOSPC and calls["n"] == 2
     assert snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"] and staging_leftovers(tmp_path) == []
@@ -123,10 +122,9 @@ def test_sid_table_save_failing_on_its_second_file_keeps_the_old_table(tmp_path,
 def test_keyboard_interrupt_inside_staged_folder_leaves_nothing_behind(tmp_path, existing):
     out = tmp_path / "art"
     before = old_folder(out) if existing else None
-    with pytest.raises(KeyboardInterrupt):
-        with staged_folder(out) as tmp:
-            (tmp / "part.bin").write_bytes(b"x" * 4096)
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), staged_folder(out) as tmp:
+        (tmp / "part.bin").write_bytes(b"x" * 4096)
+        raise KeyboardInterrupt
     assert sorted(p.name for p in tmp_path.iterdir()) == (["art"] if existing else [])
     if existing:
         assert snapshot(out) == before
@@ -137,8 +135,10 @@ def test_an_interrupt_or_error_during_the_swap_puts_the_old_folder_back(tmp_path
     out = tmp_path / "art"
     before = old_folder(out)
     if exchange:
+
         def interrupted(a, b):
             raise KeyboardInterrupt
+
         monkeypatch.setattr(atomic, "_exchange", interrupted)
         expected = KeyboardInterrupt
     else:
@@ -152,9 +152,8 @@ def test_an_interrupt_or_error_during_the_swap_puts_the_old_folder_back(tmp_path
 
         monkeypatch.setattr(Path, "rename", rename)
         expected = OSError
-    with pytest.raises(expected):
-        with staged_folder(out) as tmp:
-            (tmp / "new.bin").write_bytes(b"new")
+    with pytest.raises(expected), staged_folder(out) as tmp:
+        (tmp / "new.bin").write_bytes(b"new")
     monkeypatch.undo()
     assert snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
@@ -197,14 +196,15 @@ def test_a_process_killed_mid_write_leaves_a_copy_that_the_next_publication_remo
 
 
 def test_an_artifact_set_aside_by_a_killed_swap_is_put_back(tmp_path):
-    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    dead = int(
+        subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    )
     out = tmp_path / "art"
     before = old_folder(out)
     aside = out.with_name(f".art.aside-{atomic._HOST}-{dead}-0123abcd")
     out.rename(aside)  # what a kill -9 between the two renames of the portable swap leaves
-    with pytest.raises(KeyboardInterrupt):
-        with staged_folder(out):
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), staged_folder(out):
+        raise KeyboardInterrupt
     assert snapshot(out) == before and staging_leftovers(tmp_path) == []
 
 
@@ -267,15 +267,13 @@ def test_enospc_part_way_through_a_writer_keeps_the_old_file(tmp_path):
     np.save(path, np.zeros(3))
     before = path.read_bytes()
     save, _ = save_fails_on_call(1)
-    with pytest.raises(OSError) as info:
-        with staged_file(path) as tmp:
-            save(tmp, np.arange(50_000))
+    with pytest.raises(OSError) as info, staged_file(path) as tmp:
+        save(tmp, np.arange(50_000))
     assert info.value.errno == errno.ENOSPC
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy"]
-    with pytest.raises(KeyboardInterrupt):
-        with staged_file(path) as tmp:
-            tmp.write_bytes(b"partial")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), staged_file(path) as tmp:
+        tmp.write_bytes(b"partial")
+        raise KeyboardInterrupt
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy"]
 
 
@@ -284,9 +282,8 @@ def test_staged_file_keeps_the_suffix_for_writers_that_infer_a_format(tmp_path):
         assert tmp.suffix == ".npy" and tmp.parent == tmp_path
         np.save(tmp, np.arange(4))  # np.save would append ".npy" to any other name
     assert np.load(tmp_path / "codes.npy").tolist() == [0, 1, 2, 3]
-    with pytest.raises(FileNotFoundError, match="nothing was written"):
-        with staged_file(tmp_path / "empty.png"):
-            pass
+    with pytest.raises(FileNotFoundError, match="nothing was written"), staged_file(tmp_path / "empty.png"):
+        pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["codes.npy"]
 
 
@@ -394,8 +391,11 @@ def test_a_really_full_filesystem_keeps_the_old_artifacts(tmp_path):
     mnt.mkdir()
     script = tmp_path / "fill.py"
     script.write_text(REAL_ENOSPC)
-    probe = subprocess.run([unshare, "--user", "--map-root-user", "--mount", "sh", "-c",
-                            f"mount -t tmpfs -o size=768k tmpfs '{mnt}'"], capture_output=True, timeout=30)
+    probe = subprocess.run(
+        [unshare, "--user", "--map-root-user", "--mount", "sh", "-c", f"mount -t tmpfs -o size=768k tmpfs '{mnt}'"],
+        capture_output=True,
+        timeout=30,
+    )
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a private tmpfs here: {probe.stderr.decode().strip()[:200]}")
     done = subprocess.run(
@@ -425,20 +425,29 @@ def test_sid_build_refuses_to_replace_a_table_unless_forced(tiny_store, tmp_path
     assert refused.returncode == 2, refused.stderr
     assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
     err = refused.stderr.strip()
-    assert f"SID table {root / 'sid'} already exists; pass --force" in err and "runs trained on it would be invalidated" in err
+    assert (
+        f"SID table {root / 'sid'} already exists; pass --force" in err
+        and "runs trained on it would be invalidated" in err
+    )
     assert snapshot(root / "sid") == before and not (root / "embeddings").exists()  # refused before encoding
 
-    forced = CliRunner().invoke(app, ["sid", "build", str(root), "--encoder", "tfidf", "--levels", "2", "--codebook", "4", "--force"])
+    forced = CliRunner().invoke(
+        app, ["sid", "build", str(root), "--encoder", "tfidf", "--levels", "2", "--codebook", "4", "--force"]
+    )
     assert forced.exit_code == 0, forced.output
     table = SidTable.load(root / "sid")
     assert table.settings["encoder"] == "tfidf" and table.codes.shape == (tiny_store.n_items + 1, 2)
     assert staging_leftovers(root) == []
     # --force replaces SID tables only, never a store file or the embedding cache
     manifest = (root / "manifest.json").read_bytes()
-    clash = run_cli("sid", "build", str(root), "--encoder", "tfidf", "--codebook", "4", "--out", "manifest.json", "--force")
+    clash = run_cli(
+        "sid", "build", str(root), "--encoder", "tfidf", "--codebook", "4", "--out", "manifest.json", "--force"
+    )
     assert clash.returncode == 2 and "is not a SID table" in clash.stderr and "Traceback" not in clash.stderr
     assert (root / "manifest.json").read_bytes() == manifest
     # another name is a second table, no --force needed
-    other = CliRunner().invoke(app, ["sid", "build", str(root), "--encoder", "tfidf", "--levels", "2", "--codebook", "4", "--out", "sid2"])
+    other = CliRunner().invoke(
+        app, ["sid", "build", str(root), "--encoder", "tfidf", "--levels", "2", "--codebook", "4", "--out", "sid2"]
+    )
     assert other.exit_code == 0, other.output
     assert np.array_equal(SidTable.load(root / "sid2").codes, table.codes)

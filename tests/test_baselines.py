@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from r2led.bench.speed import FloatTensorSizes
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from r2led.bench.speed import FloatTensorSizes
 from r2led.config import load_config
 from r2led.data.batches import Batch, make_batch
 from r2led.models.avgpool import pooled_behaviours
@@ -130,7 +130,7 @@ def test_eta_keeps_the_smallest_hamming_distances(tiny_store, batch):
         got = hamming[r, chosen]
         assert got.tolist() == dist[: len(chosen)].tolist()  # the k closest, closest first
         # ties go to the more recent behaviour
-        for a, c in zip(chosen[:-1].tolist(), chosen[1:].tolist()):
+        for a, c in zip(chosen[:-1].tolist(), chosen[1:].tolist(), strict=False):
             assert hamming[r, a] < hamming[r, c] or a > c
 
 
@@ -175,8 +175,12 @@ def test_sdim_collision_pooling_equals_a_loop(tiny_store, batch):
     model = build(tiny_store, "sdim", rounds=3, bits_per_round=2).eval()
     small = make_batch(tiny_store, np.arange(0, len(tiny_store.samples), 97)[:6], t_max=30)
     with torch.no_grad():
-        got = pooled_behaviours(model, small.hist_items, small.hist_signal,
-                                model.collision_weights(small.target, small.hist_items, small.hist_mask))
+        got = pooled_behaviours(
+            model,
+            small.hist_items,
+            small.hist_signal,
+            model.collision_weights(small.target, small.hist_items, small.hist_mask),
+        )
         emb = model.items.id.weight
         n_collisions = 0
         for r in range(len(small)):
@@ -220,7 +224,9 @@ def test_sim_soft_adds_its_auxiliary_loss(tiny_store, batch):
     assert rebuilt == pytest.approx(loss.item(), rel=1e-5)
     plain = build(tiny_store, "sim-soft", aux_weight=0)
     logits = plain(batch)
-    assert plain.loss(batch, logits).item() == pytest.approx(F.binary_cross_entropy_with_logits(logits, batch.label).item())
+    assert plain.loss(batch, logits).item() == pytest.approx(
+        F.binary_cross_entropy_with_logits(logits, batch.label).item()
+    )
 
 
 def test_sim_soft_keeps_the_highest_inner_products(tiny_store, batch):
@@ -292,7 +298,14 @@ def test_twin_gsu_builds_at_most_one_history_by_dim_tensor(tiny_store):
 
 # ---- training: each baseline learns the tiny task ---------------------------------------
 # batch 16: ~78 steps in the one epoch (at 64, ~20 steps leave valid AUC at 0.6-0.9 by seed)
-FAST = ["train.lr=0.01", "train.batch_size=16", "train.eval_batch_size=256", "train.t_max=64", "model.dim=16", "train.threads=1"]
+FAST = [
+    "train.lr=0.01",
+    "train.batch_size=16",
+    "train.eval_batch_size=256",
+    "train.t_max=64",
+    "model.dim=16",
+    "train.threads=1",
+]
 
 
 @pytest.mark.parametrize("name", BASELINES)

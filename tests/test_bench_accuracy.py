@@ -8,7 +8,14 @@ import pytest
 from r2led.bench.accuracy import ABLATIONS, run_accuracy
 from r2led.errors import ConfigError
 
-FAST = ["train.lr=0.01", "train.batch_size=64", "train.eval_batch_size=256", "train.t_max=64", "train.threads=1", "train.epochs=1"]
+FAST = [
+    "train.lr=0.01",
+    "train.batch_size=64",
+    "train.eval_batch_size=256",
+    "train.t_max=64",
+    "train.threads=1",
+    "train.epochs=1",
+]
 
 
 def test_accuracy_benchmark_writes_tables_plot_and_pvalues(tiny_store, tmp_path):
@@ -51,7 +58,9 @@ def test_a_finished_run_with_other_settings_is_refused_not_reused(tiny_store, tm
     with pytest.raises(ConfigError, match=r"model.dropout: 0.0 → 0.1"):
         run_accuracy(tiny_store.root, ["din"], 1, out, overrides=[*FAST, "model.dropout=0.1"], ablations=False)
     with pytest.raises(ConfigError, match=r"train.lr: 0.01 → 0.02"):
-        run_accuracy(tiny_store.root, ["din"], 1, out, overrides=[*FAST, "train.lr=0.02"], ablations=False, report_only=True)
+        run_accuracy(
+            tiny_store.root, ["din"], 1, out, overrides=[*FAST, "train.lr=0.02"], ablations=False, report_only=True
+        )
 
 
 SMALL_GRID = """
@@ -74,7 +83,10 @@ def test_search_on_valid_runs_the_whole_grid_and_trains_the_best(tiny_store, tmp
     trials = searched["trials"]
     # lr x short_len x dropout, lr outermost: every combination once
     assert [t["overrides"] for t in trials] == [
-        [f"train.lr={lr}", f"model.short_len={n}", f"model.dropout={d}"] for lr in (0.01, 0.02) for n in (30, 10) for d in (0.0, 0.1)
+        [f"train.lr={lr}", f"model.short_len={n}", f"model.dropout={d}"]
+        for lr in (0.01, 0.02)
+        for n in (30, 10)
+        for d in (0.0, 0.1)
     ]
     best = max(trials, key=lambda t: t["valid_auc"])
     assert searched["chosen"] == best["overrides"] and searched["why"] == "test grid"
@@ -87,7 +99,9 @@ def test_search_on_valid_runs_the_whole_grid_and_trains_the_best(tiny_store, tmp
     assert "## Search on valid" in md and f"| 8 | 0 | {best['valid_auc']:.4f} |" in md
     assert json.loads((out / "results.json").read_text())["search"]["din"]["chosen"] == best["overrides"]
     # the chosen trial is the seed-0 run of the table: copied, not trained again (same timings too)
-    assert (out / "runs" / "din" / "seed0" / "metrics.json").read_text() == (Path(best["run"]) / "metrics.json").read_text()
+    assert (out / "runs" / "din" / "seed0" / "metrics.json").read_text() == (
+        Path(best["run"]) / "metrics.json"
+    ).read_text()
     # resumable: a second call trains nothing (every trial's metrics.json untouched)
     stamps = {t["run"]: (Path(t["run"]) / "metrics.json").stat().st_mtime_ns for t in trials}
     run_accuracy(tiny_store.root, ["din"], 1, out, overrides=FAST, ablations=False, search=True, grid=grid)
@@ -146,7 +160,10 @@ def test_the_declared_grid_gives_every_model_the_same_sixteen_valid_trials():
     [
         ("lr: [0.001]\nmodels:\n  din:\n    knobs: {model.dropout: [0.0, 0.1], model.short_len: [30, 50]}\n", "why"),
         ("lr: [0.001]\nmodels:\n  din:\n    why: x\n    knobs: {model.dropout: [0.0, 0.1]}\n", "exactly two knobs"),
-        ("lr: [0.001]\nmodels:\n  din:\n    why: x\n    knobs: {model.dropout: [0.0, 0.1, 0.2], model.short_len: [30, 50]}\n", "two values"),
+        (
+            "lr: [0.001]\nmodels:\n  din:\n    why: x\n    knobs: {model.dropout: [0.0, 0.1, 0.2], model.short_len: [30, 50]}\n",
+            "two values",
+        ),
         ("models: {}\n", "lr"),
     ],
 )
@@ -161,6 +178,8 @@ def test_a_grid_that_breaks_the_equal_budget_is_refused(tmp_path, text, named):
 
 def test_report_only_search_trains_nothing_and_leaves_out_unsearched_models(tiny_store, tmp_path):
     out = tmp_path / "res"
-    results = run_accuracy(tiny_store.root, ["din", "eta"], 1, out, overrides=FAST, ablations=False, search=True, report_only=True)
+    results = run_accuracy(
+        tiny_store.root, ["din", "eta"], 1, out, overrides=FAST, ablations=False, search=True, report_only=True
+    )
     assert results == {} and not (out / "runs").exists()
     assert json.loads((out / "search.json").read_text()) == {}

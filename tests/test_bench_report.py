@@ -17,7 +17,14 @@ from r2led.bench.report import load_results, render, usable_intervals, write_rep
 from r2led.bench.significance import UserBootstrap, percentile_ci
 from r2led.cli import app
 
-FAST = ["train.lr=0.01", "train.batch_size=64", "train.eval_batch_size=256", "train.t_max=64", "train.threads=1", "train.epochs=1"]
+FAST = [
+    "train.lr=0.01",
+    "train.batch_size=64",
+    "train.eval_batch_size=256",
+    "train.t_max=64",
+    "train.threads=1",
+    "train.epochs=1",
+]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -25,27 +32,45 @@ REPO = Path(__file__).resolve().parents[1]
 def bench(tiny_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     out, pub = root / "out", root / "pub"
-    run_accuracy(tiny_store.root, ["r2led", "din", "avgpool"], 2, out, overrides=FAST, ablations=False, publish=pub, replicates=300)
+    run_accuracy(
+        tiny_store.root,
+        ["r2led", "din", "avgpool"],
+        2,
+        out,
+        overrides=FAST,
+        ablations=False,
+        publish=pub,
+        replicates=300,
+    )
     return tiny_store, out, pub
 
 
 def table_rows(md: str, heading: str) -> list[list[str]]:
     """The cells of the markdown table under ``## heading``."""
     block = md.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
-    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in block.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    return [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in block.splitlines()
+        if line.startswith("| ") and not line.startswith("| model")
+    ]
 
 
 def test_published_records_are_small_and_fingerprint_the_predictions(bench):
     _, out, pub = bench
     files = sorted((pub / "runs").glob("*/seed*.json"))
-    assert [f"{f.parent.name}/{f.name}" for f in files] == [f"{m}/seed{s}.json" for m in ("avgpool", "din", "r2led") for s in (0, 1)]
+    assert [f"{f.parent.name}/{f.name}" for f in files] == [
+        f"{m}/seed{s}.json" for m in ("avgpool", "din", "r2led") for s in (0, 1)
+    ]
     for f in files:
         r = json.loads(f.read_text())
         assert f.stat().st_size < 20_000 and "pred" not in json.dumps(r["metrics"])
         pred = Path(r["run"]) / "test_pred.npy"
         assert r["test_pred_sha256"] == hashlib.sha256(pred.read_bytes()).hexdigest()
         assert r["settings"]["model"]["name"] == r["model"] and r["settings"]["train"]["seed"] == r["seed"]
-        assert r["metrics"] == {**r["metrics"], **{k: json.loads((Path(r["run"]) / "metrics.json").read_text())[k] for k in ("valid", "test")}}
+        assert r["metrics"] == {
+            **r["metrics"],
+            **{k: json.loads((Path(r["run"]) / "metrics.json").read_text())[k] for k in ("valid", "test")},
+        }
     assert json.loads((pub / "benchmark.json").read_text())["meta"]["models"] == ["r2led", "din", "avgpool"]
 
 
@@ -54,10 +79,20 @@ def test_markdown_agrees_with_the_json(bench):
     md = (out / "results.md").read_text()
     _, rows = load_results(pub)
     every = table_rows(md, "Every run")
-    expected = [[n, str(r["seed"]), r["metrics"]["valid"]["auc"], r["metrics"]["test"]["auc"], r["metrics"]["test"]["logloss"], r["metrics"]["test"]["gauc"]]
-                for n, row in rows.items() for r in row["seeds"]]
+    expected = [
+        [
+            n,
+            str(r["seed"]),
+            r["metrics"]["valid"]["auc"],
+            r["metrics"]["test"]["auc"],
+            r["metrics"]["test"]["logloss"],
+            r["metrics"]["test"]["gauc"],
+        ]
+        for n, row in rows.items()
+        for r in row["seeds"]
+    ]
     assert len(every) == len(expected) == 6
-    for cells, exp in zip(every, expected):
+    for cells, exp in zip(every, expected, strict=False):
         assert cells[:2] == exp[:2]
         assert [float(c) for c in cells[3:7]] == [round(v, 4) for v in exp[2:]]
     main = {cells[0]: cells for cells in table_rows(md, "Models")}
@@ -74,7 +109,11 @@ def test_markdown_agrees_with_the_json(bench):
         assert main[name][6] == f"[{e['diff_ci'][0]:.4f}, {e['diff_ci'][1]:.4f}]"
         verdict = "R2LED ahead" if e["diff_ci"][0] > 0 else "row ahead" if e["diff_ci"][1] < 0 else "not separable"
         assert main[name][7] == verdict
-        claim = {"R2LED ahead": "R2LED is ahead of", "not separable": "Not separable from R2LED", "row ahead": "Ahead of R2LED"}[verdict]
+        claim = {
+            "R2LED ahead": "R2LED is ahead of",
+            "not separable": "Not separable from R2LED",
+            "row ahead": "Ahead of R2LED",
+        }[verdict]
         assert re.search(rf"- {claim}: [^\n]*\b{name}\b", md)
 
 
@@ -85,7 +124,10 @@ def test_intervals_are_the_bootstrap_of_the_saved_predictions(bench):
     s = store.sample_arrays
     test = store.split_indices("test")
     boot = UserBootstrap(s["label"][test], s["user"][test], replicates=300, seed=0)
-    preds = {m: [np.load(out / "runs" / m / f"seed{k}" / "test_pred.npy").astype(np.float64) for k in (0, 1)] for m in ("r2led", "din")}
+    preds = {
+        m: [np.load(out / "runs" / m / f"seed{k}" / "test_pred.npy").astype(np.float64) for k in (0, 1)]
+        for m in ("r2led", "din")
+    }
     ref = np.mean([boot.auc(p) for p in preds["r2led"]], axis=0)
     din = np.mean([boot.auc(p) for p in preds["din"]], axis=0)
     assert intervals["rows"]["din"]["auc_ci"] == pytest.approx(list(percentile_ci(din)), abs=1e-12)
@@ -139,7 +181,7 @@ def test_the_repository_results_folder_and_results_page_agree():
         assert page == render(benchmark, rows, usable_intervals(recorded, rows, replicates, seed), replicates, seed)
         every = table_rows(page, "Every run")
         assert len(every) == sum(len(r["seeds"]) for r in rows.values())
-        for cells, (name, r) in zip(every, [(n, r) for n, row in rows.items() for r in row["seeds"]]):
+        for cells, (name, r) in zip(every, [(n, r) for n, row in rows.items() for r in row["seeds"]], strict=False):
             assert cells[0] == name and float(cells[4]) == round(r["metrics"]["test"]["auc"], 4)
     else:
         assert (folder / "README.md").is_file()
@@ -151,7 +193,11 @@ def test_publish_keeps_only_the_current_benchmark_runs(tmp_path):
 
     rec = lambda label, seed: {"label": label, "seed": seed}
     publish(tmp_path, {}, None, None, [rec("a", 0), rec("a", 1), rec("b c", 0)])
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("runs/*/*.json")) == ["runs/a/seed0.json", "runs/a/seed1.json", "runs/b_c/seed0.json"]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("runs/*/*.json")) == [
+        "runs/a/seed0.json",
+        "runs/a/seed1.json",
+        "runs/b_c/seed0.json",
+    ]
     publish(tmp_path, {}, None, None, [rec("a", 0)])
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("runs/*/*.json")) == ["runs/a/seed0.json"]
     assert not (tmp_path / "runs" / "b_c").exists()

@@ -28,8 +28,10 @@ def test_history_curve_table_and_plot(tmp_path):
         "test_rows": 4500,
         "ceiling": 0.81,
         "oracle": {"100": 0.75, "1000": 0.79},
-        "models": {"r2led": {"100": {"mean": 0.71, "std": 0.01, "seeds": 2}, "1000": {"mean": 0.72, "std": 0.0, "seeds": 2}},
-                   "din": {"100": {"mean": 0.69, "std": 0.0, "seeds": 2}}},
+        "models": {
+            "r2led": {"100": {"mean": 0.71, "std": 0.01, "seeds": 2}, "1000": {"mean": 0.72, "std": 0.0, "seeds": 2}},
+            "din": {"100": {"mean": 0.69, "std": 0.0, "seeds": 2}},
+        },
     }
     table = curve_table(record)
     assert "| r2led | 0.7100 ± 0.0100 | 0.7200 ± 0.0000 |" in table

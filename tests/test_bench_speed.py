@@ -17,7 +17,6 @@ from r2led.bench.speed import (
 from r2led.errors import ConfigError
 from r2led.models.din import DIN, DinConfig
 from r2led.models.registry import MODELS
-from r2led.models.simhash import SimHash, popcount64
 
 TINY = dict(candidates=8, repeats=2, train_batch=8, items=300, seed=0)
 
@@ -36,7 +35,15 @@ def test_tiny_run_writes_every_figure_per_model_mode_and_length(tiny_run):
     for name in ("r2led", "din", "sim-hard", "eta"):
         for t in ("50", "200"):
             e = saved["results"][name][t]
-            for key in ("latency_ms_p50", "latency_ms_p95", "cpu_ms_p50", "train_samples_per_s", "peak_mb", "train_peak_mb", "state_mb"):
+            for key in (
+                "latency_ms_p50",
+                "latency_ms_p95",
+                "cpu_ms_p50",
+                "train_samples_per_s",
+                "peak_mb",
+                "train_peak_mb",
+                "state_mb",
+            ):
                 assert e[key] is not None and e[key] > 0, (name, t, key)
             assert e["latency_ms_p95"] >= e["latency_ms_p50"] and e["mode"] == "warm" and e["append_us"] > 0
             assert e["skipped"] is None and e["latency_repeats"] == 2

@@ -23,7 +23,14 @@ from r2led.config import load_config
 from r2led.errors import DataError
 from r2led.train.trainer import Trainer
 
-FAST = ["train.batch_size=64", "train.eval_batch_size=256", "train.t_max=64", "model.dim=16", "train.threads=1", "train.epochs=1"]
+FAST = [
+    "train.batch_size=64",
+    "train.eval_batch_size=256",
+    "train.t_max=64",
+    "model.dim=16",
+    "train.threads=1",
+    "train.epochs=1",
+]
 
 
 def invoke(*args: str):
@@ -54,7 +61,10 @@ def din_run(tiny_store, tmp_path_factory) -> Path:
 #  a phrase the message must contain)
 CASES = [
     # data prepare / info
-    (["data", "prepare", "synthetic", "--out", "{tmp}/s", "--min-history", "-3"], "--min-history = -3 is out of range: must be >= 0"),
+    (
+        ["data", "prepare", "synthetic", "--out", "{tmp}/s", "--min-history", "-3"],
+        "--min-history = -3 is out of range: must be >= 0",
+    ),
     (["data", "prepare", "synthetic", "--out", "{tmp}/s", "--samples-last-n", "0"], "--samples-last-n"),
     (["data", "prepare", "synthetic", "--out", "{tmp}/s", "--label-threshold", "nan"], "--label-threshold"),
     (["data", "prepare", "synthetic", "--out", "{tmp}/s", "--users", "0"], "--users"),
@@ -79,13 +89,22 @@ CASES = [
     (["sid", "info", "{data}", "--name", "nope"], "no SID table"),
     # train
     (["train", "{data}", "--out", "{tmp}/r", "--set", "model=3"], "model: expected a section of model settings"),
-    (["train", "{data}", "--out", "{tmp}/r", "--set", "train.lr=1e6"], "train.lr = 1e6 is out of range: must be in (0, 1]"),
-    (["train", "{data}", "--out", "{tmp}/r", "--set", "model.rho=1.5"], "model.rho = 1.5 is out of range: must be in [0, 1]"),
+    (
+        ["train", "{data}", "--out", "{tmp}/r", "--set", "train.lr=1e6"],
+        "train.lr = 1e6 is out of range: must be in (0, 1]",
+    ),
+    (
+        ["train", "{data}", "--out", "{tmp}/r", "--set", "model.rho=1.5"],
+        "model.rho = 1.5 is out of range: must be in [0, 1]",
+    ),
     (["train", "{data}", "--out", "{tmp}/r", "--set", "train.batch_size=0"], "train.batch_size = 0 is out of range"),
     (["train", "{data}", "--out", "{tmp}/r", "--set", "train.epochs=-2"], "train.epochs"),
     (["train", "{data}", "--out", "{tmp}/r", "--set", "train.seed=-1"], "train.seed"),
     (["train", "{data}", "--out", "{tmp}/r", "--set", "train.t_max=0"], "train.t_max"),
-    (["train", "{data}", "--out", "{tmp}/r", "--set", "model.dim=30", "--set", "model.heads=4"], "heads (4) must divide dim (30)"),
+    (
+        ["train", "{data}", "--out", "{tmp}/r", "--set", "model.dim=30", "--set", "model.heads=4"],
+        "heads (4) must divide dim (30)",
+    ),
     (["train", "{data}", "--out", "{tmp}/r", "--set", "model.mlp=[0]"], "model.mlp"),
     (["train", "{data}", "--out", "{tmp}/r", "--set", "model.dropout=1"], "model.dropout"),
     (["train", "{data}", "--out", "{tmp}/r", "--set", "train.lr=.nan"], "train.lr"),
@@ -106,7 +125,10 @@ CASES = [
     # bench
     (["bench", "accuracy", "{data}", "--out", "{tmp}/b", "--seeds", "0"], "--seeds"),
     (["bench", "accuracy", "{data}", "--out", "{tmp}/b", "--models", "bogus"], "unknown model 'bogus'"),
-    (["bench", "accuracy", "{data}", "--out", "{tmp}/b", "--models", "din", "--set", "train.lr=5"], "train.lr = 5 is out of range"),
+    (
+        ["bench", "accuracy", "{data}", "--out", "{tmp}/b", "--models", "din", "--set", "train.lr=5"],
+        "train.lr = 5 is out of range",
+    ),
     (["bench", "accuracy", "{tmp}/nothing", "--out", "{tmp}/b", "--models", "din"], "not a prepared store"),
     (["bench", "speed", "--out", "{tmp}/b", "--lengths", "abc"], "--lengths"),
     (["bench", "speed", "--out", "{tmp}/b", "--lengths", "-5"], "lengths"),

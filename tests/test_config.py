@@ -65,5 +65,7 @@ def test_a_broken_yaml_file_names_the_file_and_line(tmp_path):
 
 
 def test_values_inside_the_ranges_still_load():
-    cfg = load_config(None, ["train.lr=1", "model.rho=0", "model.k=100000", "train.seed=4294967295", "model.dim=48", "model.heads=4"])
+    cfg = load_config(
+        None, ["train.lr=1", "model.rho=0", "model.k=100000", "train.seed=4294967295", "model.dim=48", "model.heads=4"]
+    )
     assert cfg.train.lr == 1 and cfg.model.k == 100_000 and cfg.model.dim == 48

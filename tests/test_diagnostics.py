@@ -10,19 +10,38 @@ import torch
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from r2led.bench.diagnostics import diagnose, item_popularity, popularity_buckets, relevant_to_target, retrieval_stats, tail_auc
+from r2led.bench.diagnostics import (
+    diagnose,
+    item_popularity,
+    popularity_buckets,
+    relevant_to_target,
+    retrieval_stats,
+    tail_auc,
+)
 from r2led.cli import app
 from r2led.config import load_config
 from r2led.errors import DataError
 from r2led.train.trainer import Trainer, load_run
 
-FAST = ["train.lr=0.01", "train.batch_size=64", "train.eval_batch_size=256", "train.t_max=64", "model.dim=16", "train.threads=1", "train.epochs=1"]
+FAST = [
+    "train.lr=0.01",
+    "train.batch_size=64",
+    "train.eval_batch_size=256",
+    "train.t_max=64",
+    "model.dim=16",
+    "train.threads=1",
+    "train.epochs=1",
+]
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("diag")
-    for name, extra in {"shared": ["model.k=5", "model.disjoint_routes=false"], "disjoint": ["model.k=5"], "din": []}.items():
+    for name, extra in {
+        "shared": ["model.k=5", "model.disjoint_routes=false"],
+        "disjoint": ["model.k=5"],
+        "din": [],
+    }.items():
         base = {"model": {"name": "din" if name == "din" else "r2led"}}
         Trainer(tiny_store.root, load_config(None, [*FAST, *extra], base=base), root / name, show_progress=False).fit()
     return root
@@ -101,9 +120,13 @@ def test_diagnose_writes_reports_and_gate_weights_sum_to_one(runs, tmp_path):
 
 
 def test_cli_diagnose_names_a_folder_that_is_not_a_finished_run(runs, tmp_path):
-    result = CliRunner().invoke(app, ["bench", "diagnose", str(runs / "shared"), "--compare", str(tmp_path), "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(
+        app, ["bench", "diagnose", str(runs / "shared"), "--compare", str(tmp_path), "--out", str(tmp_path / "o")]
+    )
     assert result.exit_code != 0 and "test_pred.npy" in str(result.exception) + result.output
-    ok = CliRunner().invoke(app, ["bench", "diagnose", str(runs / "shared"), "--out", str(tmp_path / "o"), "--every", "2"])
+    ok = CliRunner().invoke(
+        app, ["bench", "diagnose", str(runs / "shared"), "--out", str(tmp_path / "o"), "--every", "2"]
+    )
     assert ok.exit_code == 0, ok.output
     assert "Valid AUC by target popularity" in ok.output  # valid by default: test is read once
 
@@ -111,7 +134,11 @@ def test_cli_diagnose_names_a_folder_that_is_not_a_finished_run(runs, tmp_path):
 def test_run_names_are_short_and_distinct(tmp_path):
     from r2led.bench.diagnostics import run_names
 
-    runs = [tmp_path / "a" / "runs" / "r2led" / "seed0", tmp_path / "b" / "runs" / "r2led" / "seed0", tmp_path / "x" / "sid_off"]
+    runs = [
+        tmp_path / "a" / "runs" / "r2led" / "seed0",
+        tmp_path / "b" / "runs" / "r2led" / "seed0",
+        tmp_path / "x" / "sid_off",
+    ]
     assert run_names(runs) == ["a/runs/r2led/seed0", "b/runs/r2led/seed0", "sid_off"]
     assert run_names(runs[1:]) == ["r2led/seed0", "sid_off"]
 

@@ -20,10 +20,28 @@ def test_torchrun_two_processes_train_one_model(tiny_store, tmp_path):
         torchrun = shutil.which("torchrun")
     out = tmp_path / "ddp"
     cmd = [
-        str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "r2led", "train", str(tiny_store.root),
-        "--model", "r2led", "--out", str(out),
-        "--set", "train.epochs=4", "--set", "train.batch_size=64", "--set", "train.lr=0.01",
-        "--set", "train.threads=1", "--set", "model.k=5",
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "r2led",
+        "train",
+        str(tiny_store.root),
+        "--model",
+        "r2led",
+        "--out",
+        str(out),
+        "--set",
+        "train.epochs=4",
+        "--set",
+        "train.batch_size=64",
+        "--set",
+        "train.lr=0.01",
+        "--set",
+        "train.threads=1",
+        "--set",
+        "model.k=5",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -90,10 +108,18 @@ def test_the_openmp_wait_policy_is_passive_by_default():
     import r2led  # noqa: F401
 
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    done = subprocess.run([sys.executable, "-c", "import os, r2led, torch; print(os.environ['OMP_WAIT_POLICY'])"],
-                          capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", "import os, r2led, torch; print(os.environ['OMP_WAIT_POLICY'])"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert done.stdout.strip() == "PASSIVE"
     env["OMP_WAIT_POLICY"] = "ACTIVE"  # a user's choice is kept
-    done = subprocess.run([sys.executable, "-c", "import os, r2led; print(os.environ['OMP_WAIT_POLICY'])"],
-                          capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", "import os, r2led; print(os.environ['OMP_WAIT_POLICY'])"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert done.stdout.strip() == "ACTIVE"

@@ -48,7 +48,9 @@ def test_true_probabilities_are_aligned_with_the_stored_rows(store):
 
 
 def test_the_last_thirty_behaviours_show_only_a_few_of_the_interests(store):
-    w = _world(**{k: TINY[k] for k in ("users", "length", "items", "seed", "topics", "interests")}, zipf=1.1, min_length=6)
+    w = _world(
+        **{k: TINY[k] for k in ("users", "length", "items", "seed", "topics", "interests")}, zipf=1.1, min_length=6
+    )
     keys = store.items["key"].cast(pl.Int64).to_numpy()
     leaf = np.concatenate([[-1], w.item_leaf[keys - 1]])
     user_key = store.users["key"].cast(pl.Int64).to_numpy()

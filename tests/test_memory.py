@@ -60,12 +60,16 @@ def test_absurd_dim_is_refused(tiny_store, tmp_path, no_allocation):
 
 
 def test_absurd_batch_size_is_refused(long_store, tmp_path, no_allocation):
-    res, seconds = train(long_store, tmp_path, "--model", "din", "--set", "train.batch_size=50000", "--max-memory", "2GB")
+    res, seconds = train(
+        long_store, tmp_path, "--model", "din", "--set", "train.batch_size=50000", "--max-memory", "2GB"
+    )
     assert_refused_with_estimate(res, seconds, tmp_path, "train.batch_size")
 
 
 def test_absurd_t_max_is_refused_and_a_short_one_fits(long_store, tmp_path, no_allocation):
-    res, seconds = train(long_store, tmp_path, "--model", "din-long", "--set", "train.t_max=100000", "--max-memory", "1GB")
+    res, seconds = train(
+        long_store, tmp_path, "--model", "din-long", "--set", "train.t_max=100000", "--max-memory", "1GB"
+    )
     assert_refused_with_estimate(res, seconds, tmp_path, "train.t_max")
     short = load_config(None, ["train.t_max=50"], base={"model": {"name": "din-long"}})
     assert check_memory(short, long_store.manifest, max_memory="1GB").total < 1e9
@@ -101,7 +105,14 @@ def test_the_estimate_scales_with_batch_history_k_and_dim(long_store):
 
 @pytest.mark.parametrize(
     "text,expected",
-    [("8GB", 8_000_000_000), ("512MiB", 512 * 2**20), ("1.5g", 1_500_000_000), ("2e9", 2_000_000_000), ("4096", 4096), (3e9, 3_000_000_000)],
+    [
+        ("8GB", 8_000_000_000),
+        ("512MiB", 512 * 2**20),
+        ("1.5g", 1_500_000_000),
+        ("2e9", 2_000_000_000),
+        ("4096", 4096),
+        (3e9, 3_000_000_000),
+    ],
 )
 def test_parse_size(text, expected):
     assert parse_size(text) == expected

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from r2led.bench.speed import FloatTensorSizes
 
+from r2led.bench.speed import FloatTensorSizes
 from r2led.config import load_config
 from r2led.data.batches import make_batch
 from r2led.models.registry import build_model
@@ -143,8 +143,12 @@ def test_din_activation_unit_equals_the_concatenated_form():
 def test_history_profile_is_the_same_for_a_shared_history(tiny_store, batch):
     model = build(tiny_store).eval()
     one = batch.hist_signal[:1]
-    shared = type(batch)(**{**batch.__dict__, "hist_signal": one.expand(5, -1), "user_feats": batch.user_feats[:1].expand(5, -1)})
-    copied = type(batch)(**{**batch.__dict__, "hist_signal": one.repeat(5, 1), "user_feats": batch.user_feats[:1].repeat(5, 1)})
+    shared = type(batch)(
+        **{**batch.__dict__, "hist_signal": one.expand(5, -1), "user_feats": batch.user_feats[:1].expand(5, -1)}
+    )
+    copied = type(batch)(
+        **{**batch.__dict__, "hist_signal": one.repeat(5, 1), "user_feats": batch.user_feats[:1].repeat(5, 1)}
+    )
     assert torch.equal(model.user_repr(shared), model.user_repr(copied))
     shares = model.user_repr(copied)[0, -model.spec.signal_size : -1]
     counts = torch.bincount(one[0][one[0] > 0], minlength=model.spec.signal_size)[1:].float()

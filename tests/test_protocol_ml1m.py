@@ -54,7 +54,7 @@ def assert_history_slices_match_csr(store: LifelongStore, picks: list[int], t_ma
     s = store.sample_arrays
     user, pos = s["user"][picks].astype(np.int64), s["pos"][picks].astype(np.int64)
     window = store.history(user, pos, t_max)
-    for b, (u, p) in enumerate(zip(user, pos)):
+    for b, (u, p) in enumerate(zip(user, pos, strict=False)):
         a = int(store.offsets[u])
         start = a + max(0, int(p) - t_max)
         expected = np.asarray(store.seq_items[start : a + int(p)])

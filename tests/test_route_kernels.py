@@ -38,7 +38,12 @@ def test_signature_index_appends_like_a_fresh_build():
     for index in (grown, fresh):
         items = index.slot_item.view()[index.order]
         assert items.tolist() == [4, 2, 1] and index.order_rank.tolist() == [1, 3, 7]
-        assert index.slot_last.view()[index.order].tolist() == [3, 1, 2] and index.prev.view().tolist() == [-1, -1, 0, -1]
+        assert index.slot_last.view()[index.order].tolist() == [3, 1, 2] and index.prev.view().tolist() == [
+            -1,
+            -1,
+            0,
+            -1,
+        ]
 
 
 def test_chain_keys_walk_the_most_recent_positions_per_key():
@@ -66,26 +71,39 @@ def test_state_routes_equal_the_batch_path_on_random_signatures_and_tokens(disjo
     sigs = torch.from_numpy(rng.integers(-(2**63), 2**63 - 1, (n_items + 1, 1)))
     sigs[1::2] = sigs[0]  # many items at equal similarity to each candidate
     coarse = rng.integers(0, 3, n_items + 1)
-    tokens = torch.from_numpy(np.stack([coarse, coarse * 10 + rng.integers(0, 2, n_items + 1), np.arange(n_items + 1)], 1))
+    tokens = torch.from_numpy(
+        np.stack([coarse, coarse * 10 + rng.integers(0, 2, n_items + 1), np.arange(n_items + 1)], 1)
+    )
     rank, span = prefix_ranks(tokens)
     hist = torch.from_numpy(rng.integers(1, n_items + 1, t))
     target = torch.from_numpy(rng.integers(1, n_items + 1, c))
     index = SignatureIndex(hist.numpy(), rank.numpy())
     words = sigs.numpy().view(np.uint64)
     for _ in range(2):  # the stamps kept between requests must not leak into the next one
-        out, n = index.routes(words[target.numpy()], words, 0, span[target].numpy(), k, route_quota(k, rho), 3, disjoint)
+        out, n = index.routes(
+            words[target.numpy()], words, 0, span[target].numpy(), k, route_quota(k, rho), 3, disjoint
+        )
     got, got_taken = torch.from_numpy(out), torch.from_numpy(np.arange(k) < n[..., None])
 
     similarity = 64 - SimHash.hamming(sigs[hist].unsqueeze(0), sigs[target].unsqueeze(1))  # (C, T)
     keys = recency_keys(similarity, torch.ones(c, t, dtype=torch.bool))
-    match = (tokens[hist].T.unsqueeze(0) == tokens[target].unsqueeze(-1))  # (C, R, T)
+    match = tokens[hist].T.unsqueeze(0) == tokens[target].unsqueeze(-1)  # (C, R, T)
     want, want_taken = (disjoint_mixed_topk if disjoint else mixed_topk)(keys, match, k, rho)
     assert torch.equal(got_taken, want_taken)
     assert torch.equal(got[got_taken], want[want_taken])
     assert got_taken.any(-1).all()
 
 
-SWITCHES = [{}, {"disjoint_routes": "off"}, {"rho": 0}, {"rho": 1}, {"sid": "off"}, {"routes": 1}, {"k": 3, "rho": 0.5}, {"hash_bits": 128}]
+SWITCHES = [
+    {},
+    {"disjoint_routes": "off"},
+    {"rho": 0},
+    {"rho": 1},
+    {"sid": "off"},
+    {"routes": 1},
+    {"k": 3, "rho": 0.5},
+    {"hash_bits": 128},
+]
 
 
 @pytest.mark.parametrize("overrides", SWITCHES)

@@ -24,7 +24,15 @@ from r2led.train import trainer as trainer_module
 from r2led.train.checkpoint import load_checkpoint
 from r2led.train.run_folder import verify_run
 
-DIN = ["train.lr=0.01", "train.batch_size=64", "train.eval_batch_size=256", "train.t_max=64", "model.dim=16", "train.threads=1", "train.epochs=1"]
+DIN = [
+    "train.lr=0.01",
+    "train.batch_size=64",
+    "train.eval_batch_size=256",
+    "train.t_max=64",
+    "model.dim=16",
+    "train.threads=1",
+    "train.epochs=1",
+]
 R2LED = [*DIN, "model.k=5"]
 
 
@@ -191,7 +199,9 @@ def test_runs_record_fingerprints_and_refuse_a_rebuilt_sid_table(store, tmp_path
 
     n = SidTable.load(store / "sid").n_items
     shutil.copytree(store / "sid", tmp_path / "old_sid")
-    SidTable.from_codes(np.stack([np.arange(n) % 2, np.arange(n) % 7], axis=1), {"encoder": "other"}).save(store / "sid")
+    SidTable.from_codes(np.stack([np.arange(n) % 2, np.arange(n) % 7], axis=1), {"encoder": "other"}).save(
+        store / "sid"
+    )
     before = snapshot(out)
     assert_refused(cli("evaluate", str(out)), "SID table", "was rebuilt", "retrain")
     assert_refused(cli(*train_args(store, out, "r2led", "--resume", settings=R2LED)), "was rebuilt")
@@ -321,7 +331,9 @@ def test_non_finite_parameters_stop_before_scikit_learn(store, tmp_path, monkeyp
 
     _after_first_evaluation(monkeypatch, poison)
     out = tmp_path / "run"
-    res = cli(*train_args(store, out, "din", "--set", "train.epochs=3", "--set", "train.patience=5", "--set", "train.lr=0.05"))
+    res = cli(
+        *train_args(store, out, "din", "--set", "train.epochs=3", "--set", "train.patience=5", "--set", "train.lr=0.05")
+    )
     assert_refused(res, "diverged by epoch 2", "not finite", "lower train.lr, now 0.05")
     assert load_checkpoint(out / "last.pt")["epoch"] == 1
     assert torch.isfinite(torch.cat([t.flatten().float() for t in _model_of(out / "best.pt").values()])).all()

@@ -16,14 +16,32 @@ from r2led.cli import app as cli_app
 from r2led.config import load_config
 from r2led.data.batches import Batch
 from r2led.errors import CheckpointError, DataError
-from r2led.serve import BundleError, ScoringInputError, ScoringModel, ScoringService, UnknownItemError, UnknownUserError, export_run, load_bundle, open_store
+from r2led.serve import (
+    BundleError,
+    ScoringInputError,
+    ScoringModel,
+    ScoringService,
+    UnknownItemError,
+    UnknownUserError,
+    export_run,
+    load_bundle,
+    open_store,
+)
 from r2led.serve.bundle import sha256_file
 from r2led.serve.limits import Limits
 from r2led.serve.service import create_app
 from r2led.train.trainer import Trainer, load_run, predict
 
 # t_max 1024 (> any tiny history, so training is unchanged) lets a request carry 1,000 behaviours.
-FAST = ["train.lr=0.01", "train.batch_size=64", "train.eval_batch_size=256", "train.t_max=1024", "model.dim=16", "train.threads=1", "train.epochs=1"]
+FAST = [
+    "train.lr=0.01",
+    "train.batch_size=64",
+    "train.eval_batch_size=256",
+    "train.t_max=1024",
+    "model.dim=16",
+    "train.threads=1",
+    "train.epochs=1",
+]
 T_MAX = 1024
 KEY = "k" * 20 + "-first"
 
@@ -74,7 +92,9 @@ def test_bundle_is_self_contained_and_lists_every_file_hash(run, exported, tiny_
     from r2led.train.run_folder import run_fingerprints
 
     manifest = json.loads((exported / "manifest.json").read_text())
-    files = sorted(p.relative_to(exported).as_posix() for p in exported.rglob("*") if p.is_file() and p.name != "manifest.json")
+    files = sorted(
+        p.relative_to(exported).as_posix() for p in exported.rglob("*") if p.is_file() and p.name != "manifest.json"
+    )
     assert sorted(manifest["files"]) == files and "sid/meta.json" in files and "model.pt" in files
     for name, digest in manifest["files"].items():
         assert sha256_file(exported / name) == digest
@@ -127,8 +147,14 @@ def test_bundle_round_trip_gives_identical_scores(run, exported, tiny_store, mod
     user, items, signals = sample_history(tiny_store, int(tiny_store.split_indices("test")[0]))
     candidates = np.arange(1, tiny_store.n_items + 1)
     keys = store.items.sort("item")["key"].to_list()
-    direct = ScoringModel(trained, keys, store.users.sort("user")["key"].to_list(), store.user_features,
-                          dict(store.vocab["user_features"]), cfg.train.t_max)
+    direct = ScoringModel(
+        trained,
+        keys,
+        store.users.sort("user")["key"].to_list(),
+        store.user_features,
+        dict(store.vocab["user_features"]),
+        cfg.train.t_max,
+    )
     args = (model.user_row(user), model.feature_codes(user, {}), model.item_ids(items), np.asarray(signals), candidates)
     assert np.array_equal(direct.score(*args), model.score(*args))
 
@@ -142,11 +168,11 @@ def test_loading_warms_the_model_up(model):
     [
         ("model.pt", b"not a state dict", "model.pt does not match its sha256"),
         ("model.pt", None, "model.pt is missing"),
-        ("spec.json", b"{\"n_items\": 3", "spec.json does not match its sha256"),
+        ("spec.json", b'{"n_items": 3', "spec.json does not match its sha256"),
         ("sid/codes.npy", b"", "codes.npy does not match its sha256"),
         ("items.parquet", b"PAR1 broken", "items.parquet does not match"),
         ("manifest.json", None, "manifest.json is missing"),
-        ("manifest.json", b"{\"format\": 1}", "format 1 export without file hashes"),
+        ("manifest.json", b'{"format": 1}', "format 1 export without file hashes"),
     ],
 )
 def test_altered_or_missing_file_is_refused_naming_it(exported, tmp_path, name, content, message):
@@ -167,7 +193,7 @@ def test_score_equals_trainer_predict_on_test_samples(run, tiny_store, service):
     lengths = tiny_store.sample_arrays["pos"][test_idx]
     chosen = test_idx[np.unique(lengths, return_index=True)[1][:6]]  # different history lengths
     together = predict(trained, store, chosen, cfg.train.eval_batch_size, cfg.train.t_max)
-    for i, p_batch in zip(chosen, together):
+    for i, p_batch in zip(chosen, together, strict=False):
         user, items, signals = sample_history(tiny_store, int(i))
         service.set_history(user, items, signals)
         target = item_key(tiny_store, tiny_store.sample_arrays["target"][i])
@@ -184,9 +210,13 @@ def test_long_history_request_equals_the_batch_path(service, model):
     served = service.score("long", model.item_keys[:50]).scores
     c = 50
     batch = Batch(
-        user=torch.full((c,), -1), user_feats=torch.zeros((c, len(model.feature_names)), dtype=torch.long),
-        target=torch.arange(1, c + 1), hist_items=torch.from_numpy(hist).repeat(c, 1), hist_signal=torch.from_numpy(sig).repeat(c, 1),
-        hist_mask=torch.ones((c, 1000), dtype=torch.bool), label=torch.zeros(c),
+        user=torch.full((c,), -1),
+        user_feats=torch.zeros((c, len(model.feature_names)), dtype=torch.long),
+        target=torch.arange(1, c + 1),
+        hist_items=torch.from_numpy(hist).repeat(c, 1),
+        hist_signal=torch.from_numpy(sig).repeat(c, 1),
+        hist_mask=torch.ones((c, 1000), dtype=torch.bool),
+        label=torch.zeros(c),
     )
     with torch.no_grad():
         expected = torch.sigmoid(model.model(batch)).double().numpy()
@@ -235,7 +265,11 @@ def test_features_are_encoded_by_vocabulary(service):
         (lambda s: s.score("u1", ["i1", "nope"]), UnknownItemError, "unknown item key 'nope'"),
         (lambda s: s.score("u1", []), ScoringInputError, "candidates is empty"),
         (lambda s: s.score("u1", ["i1"] * 1001), ScoringInputError, "1001 candidates exceed the limit of 1000"),
-        (lambda s: s.set_history("u1", ["i1", "i2"], [3, 9]), ScoringInputError, r"signal 9 \(position 1\) is out of range: expected 1..5"),
+        (
+            lambda s: s.set_history("u1", ["i1", "i2"], [3, 9]),
+            ScoringInputError,
+            r"signal 9 \(position 1\) is out of range: expected 1..5",
+        ),
         (lambda s: s.set_history("u1", ["i1", "i2"], [3]), ScoringInputError, "2 items, 1 signals"),
         (lambda s: s.set_history("u1", ["i1", "zz"], [3, 3]), UnknownItemError, "'zz'"),
         (lambda s: s.append("u1", ["i1"], [0]), ScoringInputError, "signal 0 is out of range"),
@@ -251,7 +285,9 @@ def test_bad_input_is_refused_naming_the_value(service, call, error, message):
 # ---- HTTP service ----------------------------------------------------------------------------
 @pytest.fixture
 def client(service):
-    with TestClient(create_app(service, Limits(max_candidates=1000, max_events=5, max_key_length=64, max_body_bytes=200_000))) as c:
+    with TestClient(
+        create_app(service, Limits(max_candidates=1000, max_events=5, max_key_length=64, max_body_bytes=200_000))
+    ) as c:
         yield c
 
 
@@ -266,7 +302,9 @@ def test_health(client, tiny_store):
 
 
 def test_history_events_and_score(client):
-    r = client.put("/users/u2/history", json={"events": events(("i2", 5), ("i6", 4), ("i10", 5)), "features": {"segment": "s2"}})
+    r = client.put(
+        "/users/u2/history", json={"events": events(("i2", 5), ("i6", 4), ("i10", 5)), "features": {"segment": "s2"}}
+    )
     assert r.status_code == 200 and r.json() == {"user": "u2", "length": 3, "dropped": 0}
     assert client.get("/health").json()["users_in_store"] == 1
     first = client.post("/score", json={"user": "u2", "candidates": ["i2", "i3", "i2"]})
@@ -292,15 +330,39 @@ def test_service_errors_are_short_and_name_the_bad_value(client):
         (client.post("/score", json={"user": "u1", "candidates": ["i1"] * 1001}), 422, "at most 1000 items"),
         (client.put("/users/u1/history", json={"events": events(("i1", 42))}), 422, "less than or equal to 5"),
         (client.post("/users/u1/events", json={"events": events(*[("i1", 3)] * 6)}), 422, "at most 5 items"),
-        (client.post("/users/u1/events", json={"events": [{"item": "i1", "signal": "3"}]}), 422, "valid integer (got '3')"),
-        (client.post("/users/u1/events", json={"events": [{"item": True, "signal": 3}]}), 422, "body.events.0.item: Input should be a string or an integer (got True)"),
-        (client.post("/users/u1/events", json={"events": [{"item": "i1", "signal": 2.5}]}), 422, "fractional part (got 2.5)"),
+        (
+            client.post("/users/u1/events", json={"events": [{"item": "i1", "signal": "3"}]}),
+            422,
+            "valid integer (got '3')",
+        ),
+        (
+            client.post("/users/u1/events", json={"events": [{"item": True, "signal": 3}]}),
+            422,
+            "body.events.0.item: Input should be a string or an integer (got True)",
+        ),
+        (
+            client.post("/users/u1/events", json={"events": [{"item": "i1", "signal": 2.5}]}),
+            422,
+            "fractional part (got 2.5)",
+        ),
         (client.post("/score", json={"user": "u1"}), 422, "body.candidates"),
-        (client.post("/score", json={"user": "u1", "candidates": ["x" * 65]}), 422, "body.candidates.0: String should have at most 64 characters"),
+        (
+            client.post("/score", json={"user": "u1", "candidates": ["x" * 65]}),
+            422,
+            "body.candidates.0: String should have at most 64 characters",
+        ),
         (client.get("/users/" + "u" * 65 + "/history"), 422, "at most 64 characters"),
         (client.put("/users/u1/history", json={"events": [], "features": {"age": "3"}}), 422, "features.age"),
-        (client.post("/score", content=b"\xff\xfe{", headers={"content-type": "application/json"}), 400, "not valid JSON"),
-        (client.post("/score", content=b"{" + b" " * 200_001 + b"}", headers={"content-type": "application/json"}), 413, "200,000 bytes"),
+        (
+            client.post("/score", content=b"\xff\xfe{", headers={"content-type": "application/json"}),
+            400,
+            "not valid JSON",
+        ),
+        (
+            client.post("/score", content=b"{" + b" " * 200_001 + b"}", headers={"content-type": "application/json"}),
+            413,
+            "200,000 bytes",
+        ),
     ]
     for response, status, text in cases:
         detail = response.json()["detail"]
@@ -344,7 +406,10 @@ def test_api_keys_cover_everything_but_health(service, tmp_path):
         r = c.post("/score", json={"user": "u1", "candidates": ["i1"]})
         assert r.status_code == 401
         schema = c.get("/openapi.json", headers={"X-API-Key": KEY}).json()
-        assert schema["paths"]["/score"]["post"]["security"] == [{"ApiKey": []}] and "security" not in schema["paths"]["/health"]["get"]
+        assert (
+            schema["paths"]["/score"]["post"]["security"] == [{"ApiKey": []}]
+            and "security" not in schema["paths"]["/health"]["get"]
+        )
     (tmp_path / "short").write_text("abc\n")
     with pytest.raises(Exception, match="at least 16"):
         read_api_keys(tmp_path / "short")
@@ -361,9 +426,16 @@ def test_schema_states_the_limits_and_the_error_model(client, model):
     assert body["minItems"] == 1 and body["maxItems"] == 1000
     signal = comp["Event"]["properties"]["signal"]
     assert signal["minimum"] == 1 and signal["maximum"] == model.signal_max and signal["type"] == "integer"
-    assert set(comp["Features"]["properties"]) == set(model.feature_names) and comp["Features"]["additionalProperties"] is False
+    assert (
+        set(comp["Features"]["properties"]) == set(model.feature_names)
+        and comp["Features"]["additionalProperties"] is False
+    )
     links = schema["paths"]["/users/{user}/history"]["put"]["responses"]["200"]["links"]
-    assert links["ScoreThisUser"] == {"operationId": "score", "requestBody": {"user": "$request.path.user"}, "description": "score candidates for this user"}
+    assert links["ScoreThisUser"] == {
+        "operationId": "score",
+        "requestBody": {"user": "$request.path.user"},
+        "description": "score candidates for this user",
+    }
 
 
 # ---- CLI -------------------------------------------------------------------------------------
@@ -380,9 +452,13 @@ def test_cli_export_and_serve(run, tiny_store, tmp_path, monkeypatch):
     from r2led.serve import server
 
     served = {}
-    monkeypatch.setattr(server, "run", lambda cfg, host, port, workers: served.update(cfg=cfg, host=host, port=port, workers=workers))
+    monkeypatch.setattr(
+        server, "run", lambda cfg, host, port, workers: served.update(cfg=cfg, host=host, port=port, workers=workers)
+    )
     db = tmp_path / "h.db"
-    res = runner.invoke(cli_app, ["serve", str(out), "--port", "8123", "--store", str(db), "--preload", str(tiny_store.root)])
+    res = runner.invoke(
+        cli_app, ["serve", str(out), "--port", "8123", "--store", str(db), "--preload", str(tiny_store.root)]
+    )
     assert res.exit_code == 0, res.output
     assert served["port"] == 8123 and served["host"] == "127.0.0.1" and served["workers"] == 1
     assert f"preloaded the histories of {tiny_store.n_users} users" in res.output
@@ -406,11 +482,18 @@ def test_serve_refuses_to_preload_other_data(exported, tiny_store, tmp_path):
 
 def test_types_follow_json_schema_strictly(client):
     client.put("/users/u1/history", json={"events": []})
-    ok = client.post("/users/u1/events", json={"events": [{"item": "i3", "signal": 2.0}]})  # 2.0 is a JSON Schema integer
+    ok = client.post(
+        "/users/u1/events", json={"events": [{"item": "i3", "signal": 2.0}]}
+    )  # 2.0 is a JSON Schema integer
     assert ok.status_code == 200 and client.get("/users/u1/history").json()["events"] == [{"item": "i3", "signal": 2}]
     r = client.post("/score", json={"user": "u1", "candidates": [7]})  # an integer key is matched as "7"
     assert r.status_code == 404 and "'7'" in r.json()["detail"]
-    for bad in ({"item": "i3", "signal": "3"}, {"item": True, "signal": 3}, {"item": "i3", "signal": True}, {"item": None, "signal": 3}):
+    for bad in (
+        {"item": "i3", "signal": "3"},
+        {"item": True, "signal": 3},
+        {"item": "i3", "signal": True},
+        {"item": None, "signal": 3},
+    ):
         assert client.post("/users/u1/events", json={"events": [bad]}).status_code == 422, bad
     assert client.post("/score", json={"user": 5, "candidates": ["i1"]}).status_code == 422  # a user key is a string
     assert client.get("/users/u1/history").json()["length"] == 1

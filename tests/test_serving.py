@@ -58,7 +58,10 @@ def test_every_models_request_path_gives_the_batch_paths_logits(cat, name, t, pa
     want = batch_logits(model, hist, signal, feats, cands, pad)
     for _ in range(2):  # a second request on the same state (stamps, kept values) gives the same
         got = model.score_request(state, cands)
-        assert got.shape == (len(cands),) and torch.allclose(got, want, atol=1e-5), (name, float((got - want).abs().max()))
+        assert got.shape == (len(cands),) and torch.allclose(got, want, atol=1e-5), (
+            name,
+            float((got - want).abs().max()),
+        )
     cold = model.score_request(model.new_user_state(hist, signal, feats), cands)
     assert torch.allclose(cold, got, atol=1e-6)
 
@@ -76,12 +79,23 @@ def test_r2led_request_path_gives_the_batch_paths_logits_for_every_switch(cat, o
     model = make(cat, **overrides)
     hist, signal, feats, cands = user(cat, t, seed=t)
     state = model.new_user_state(hist, signal, feats)
-    assert torch.allclose(model.score_request(state, cands), batch_logits(model, hist, signal, feats, cands, pad=5), atol=1e-5)
+    assert torch.allclose(
+        model.score_request(state, cands), batch_logits(model, hist, signal, feats, cands, pad=5), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"disjoint_routes": "off"}, {"disjoint_routes": "off", "rho": 0.5, "k": 7}, {"k": 2}, {"hash_bits": 128}, {"rho": 1}, {"sid": "off"}, {"routes": 2}],
+    [
+        {},
+        {"disjoint_routes": "off"},
+        {"disjoint_routes": "off", "rho": 0.5, "k": 7},
+        {"k": 2},
+        {"hash_bits": 128},
+        {"rho": 1},
+        {"sid": "off"},
+        {"routes": 2},
+    ],
 )
 @pytest.mark.parametrize("t", [40, 321, 1500])
 def test_r2led_request_retrieval_is_the_batch_retrieval(cat, overrides, t):
@@ -92,7 +106,9 @@ def test_r2led_request_retrieval_is_the_batch_retrieval(cat, overrides, t):
     for pool in (300, 12):
         hist = rng.integers(1, pool + 1, t)
         target = torch.from_numpy(rng.integers(1, 301, 50))
-        index, taken = model.retrieve_routes(target, torch.from_numpy(hist).repeat(50, 1), torch.ones(50, t, dtype=torch.bool))
+        index, taken = model.retrieve_routes(
+            target, torch.from_numpy(hist).repeat(50, 1), torch.ones(50, t, dtype=torch.bool)
+        )
         grown = model.new_user_state(hist[:7], np.ones(7, np.int64))
         model.request_routes(grown, target)
         grown.extend(hist[7:], np.ones(t - 7, np.int64))
@@ -135,7 +151,7 @@ def test_embedding_search_units_retrieve_the_batch_paths_behaviours(cat, name):
     s_index, s_taken = searched(model, model.new_user_state(hist, signal, feats), cands)
     assert torch.equal(taken, s_taken)
     for c in range(len(cands)):
-        pairs = lambda i: sorted(zip(hist[i].tolist(), signal[i].tolist()))  # noqa: E731
+        pairs = lambda i: sorted(zip(hist[i].tolist(), signal[i].tolist(), strict=False))  # noqa: E731
         assert pairs(index[c][taken[c]].numpy()) == pairs(s_index[c][s_taken[c]].numpy())
 
 
@@ -163,7 +179,9 @@ def test_parameter_derived_state_follows_explicit_invalidation(cat):
     model.invalidate_caches()
     after = model.score_request(state, cands)
     assert np.allclose(state.index_for(model).current(model.cache_generation), -1.5 * kept, atol=1e-5)
-    assert not torch.allclose(after, before) and torch.allclose(after, batch_logits(model, hist, signal, feats, cands), atol=1e-5)
+    assert not torch.allclose(after, before) and torch.allclose(
+        after, batch_logits(model, hist, signal, feats, cands), atol=1e-5
+    )
 
 
 def test_caches_follow_an_optimizer_step_and_load_state_dict(cat):

@@ -57,11 +57,17 @@ def tiny_store(tmp_path) -> LifelongStore:
     rng = np.random.default_rng(0)
     names = list(TOPICS)
     item_topic = np.arange(48) % 4
-    texts = [" ".join(rng.choice(TOPICS[names[t]].split(), 4, replace=False)) + f" item{i}" for i, t in enumerate(item_topic)]
+    texts = [
+        " ".join(rng.choice(TOPICS[names[t]].split(), 4, replace=False)) + f" item{i}" for i, t in enumerate(item_topic)
+    ]
     texts[47] = ""
     items = pl.DataFrame(
-        {"item": [f"i{i}" for i in range(48)], "text": texts, "category": [names[t] for t in item_topic],
-         "tags": [[names[t]] for t in item_topic]}
+        {
+            "item": [f"i{i}" for i in range(48)],
+            "text": texts,
+            "category": [names[t] for t in item_topic],
+            "tags": [[names[t]] for t in item_topic],
+        }
     )
     rows = []
     for u in range(24):
@@ -152,9 +158,14 @@ def test_quality_report_counts_collisions_usage_and_entropy():
     assert q["mean_items_per_sid"] == pytest.approx(4 / 3, abs=1e-4)
     h = -(0.75 * np.log2(0.75) + 0.25 * np.log2(0.25))  # usage 3:1 at both levels
     assert q["levels"][0] == {
-        "codebook_size": 3, "used_codes": 2, "dead_codes": 1, "utilisation": pytest.approx(2 / 3, abs=1e-4),
-        "entropy": pytest.approx(h, abs=1e-4), "entropy_max": pytest.approx(np.log2(3), abs=1e-4),
-        "perplexity": pytest.approx(2**h, abs=1e-3), "prefix_vocab": 2,
+        "codebook_size": 3,
+        "used_codes": 2,
+        "dead_codes": 1,
+        "utilisation": pytest.approx(2 / 3, abs=1e-4),
+        "entropy": pytest.approx(h, abs=1e-4),
+        "entropy_max": pytest.approx(np.log2(3), abs=1e-4),
+        "perplexity": pytest.approx(2**h, abs=1e-3),
+        "prefix_vocab": 2,
     }
     assert q["collision_rate"] == 0.5
     assert q["levels"][1]["dead_codes"] == 0 and q["levels"][1]["prefix_vocab"] == 3
@@ -282,7 +293,14 @@ def test_build_saves_a_table_that_loads_back_with_settings_and_quality(tiny_stor
     assert loaded.codes[0].tolist() == [-1, -1] and loaded.prefix_tokens[0].tolist() == [0, 0]
     s = loaded.settings
     assert (s["encoder"], s["quantizer"], s["levels"], s["codebook"], s["seed"], s["unique"], s["n_items"]) == (
-        "tfidf", "rq-kmeans", 2, [4, 3], 0, False, 48)
+        "tfidf",
+        "rq-kmeans",
+        2,
+        [4, 3],
+        0,
+        False,
+        48,
+    )
     q = json.loads((tiny_store.root / "sid" / "quality.json").read_text())
     assert q == loaded.quality and q["n_items"] == 48
     assert [lv["codebook_size"] for lv in q["levels"]] == [4, 3]
@@ -316,7 +334,9 @@ def test_build_refuses_bad_settings_before_encoding(tiny_store):
 def test_cli_build_writes_the_table_and_prints_the_report_then_info_reads_it(tiny_store):
     runner = CliRunner()
     root = str(tiny_store.root)
-    res = runner.invoke(sid_app, ["build", root, "--encoder", "tfidf", "--codebook", "4,4,8", "--unique", "--out", "sidu"])
+    res = runner.invoke(
+        sid_app, ["build", root, "--encoder", "tfidf", "--codebook", "4,4,8", "--unique", "--out", "sidu"]
+    )
     assert res.exit_code == 0, res.output
     assert "unique SID rate" in res.output and "per level" in res.output
     table = SidTable.load(tiny_store.root / "sidu")
@@ -332,8 +352,21 @@ def test_cli_build_writes_the_table_and_prints_the_report_then_info_reads_it(tin
 
 
 def test_cli_build_with_rq_vae(tiny_store):
-    res = CliRunner().invoke(sid_app, ["build", str(tiny_store.root), "--encoder", "tfidf", "--quantizer", "rq-vae",
-                                       "--levels", "2", "--codebook", "4"])
+    res = CliRunner().invoke(
+        sid_app,
+        [
+            "build",
+            str(tiny_store.root),
+            "--encoder",
+            "tfidf",
+            "--quantizer",
+            "rq-vae",
+            "--levels",
+            "2",
+            "--codebook",
+            "4",
+        ],
+    )
     assert res.exit_code == 0, res.output
     table = SidTable.load(tiny_store.root / "sid")
     assert table.settings["quantizer"] == "rq-vae" and table.settings["quantizer_params"]["epochs"] == 100
@@ -388,15 +421,18 @@ def test_ml100k_tfidf_sids_group_movies_of_similar_genres(tmp_path):
 
 @pytest.mark.slow
 def test_minilm_encoder_gives_unit_vectors_that_put_paraphrases_close():
-    x = encoders.minilm_embeddings(["A rocket launches to the moon", "A spaceship flies to the moon",
-                                    "A recipe for garlic bread", ""])
+    x = encoders.minilm_embeddings(
+        ["A rocket launches to the moon", "A spaceship flies to the moon", "A recipe for garlic bread", ""]
+    )
     assert x.shape == (4, 384) and x.dtype == np.float32 and np.isfinite(x).all()
     assert np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
     assert x[0] @ x[1] > x[0] @ x[2] + 0.3
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("r2led.data.sources.synthetic") is None, reason="synthetic source not there yet")
+@pytest.mark.skipif(
+    importlib.util.find_spec("r2led.data.sources.synthetic") is None, reason="synthetic source not there yet"
+)
 def test_synthetic_level_codes_recover_the_hidden_topic_hierarchy(tmp_path):
     from r2led.data.sources.synthetic import load_synthetic
 
@@ -456,7 +492,7 @@ def skewed_embeddings(seed=0):
     rng = np.random.default_rng(seed)
     centres = np.array([[0, 0], [10, 0], [0, 10], [10, 10]], dtype=np.float64)
     sizes = [300, 20, 20, 20]
-    x = np.concatenate([c + rng.normal(0, 1.5, (m, 2)) for c, m in zip(centres, sizes)])
+    x = np.concatenate([c + rng.normal(0, 1.5, (m, 2)) for c, m in zip(centres, sizes, strict=False)])
     return np.hstack([x, rng.normal(0, 0.1, (len(x), 6))]).astype(np.float32)
 
 

@@ -71,7 +71,7 @@ def slow_bootstrap_auc(y, user, score, counts):
     ids = np.unique(user)
     out = []
     for w in counts:
-        rows = np.concatenate([np.repeat(np.nonzero(user == u)[0], int(k)) for u, k in zip(ids, w)])
+        rows = np.concatenate([np.repeat(np.nonzero(user == u)[0], int(k)) for u, k in zip(ids, w, strict=False)])
         out.append(roc_auc_score(y[rows], score[rows]))
     return np.array(out)
 

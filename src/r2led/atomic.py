@@ -242,6 +242,8 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 2, *, default: Callable[[Any], Any] | None = None) -> None:
+def write_json_atomic(
+    path: str | Path, obj: Any, indent: int | None = 2, *, default: Callable[[Any], Any] | None = None
+) -> None:
     """Write ``obj`` as JSON (``json.dumps(obj, indent=indent, default=default)``) atomically."""
     write_text_atomic(path, json.dumps(obj, indent=indent, default=default) + "\n")

@@ -37,11 +37,12 @@ class ModelConfig(BaseModel):
     short_len: int = Field(20, ge=0, le=1_000_000, description="n_s: most recent behaviours in the short-term route")
     sid_features: bool = Field(False, description="fairness control: add SID prefix embeddings to item features")
     history_profile: bool = Field(
-        True, description="user feature: share of each behaviour signal (e.g. rating) in the history, and its log length"
+        True,
+        description="user feature: share of each behaviour signal (e.g. rating) in the history, and its log length",
     )
 
     @model_validator(mode="after")
-    def _heads_divide_dim(self) -> "ModelConfig":
+    def _heads_divide_dim(self) -> ModelConfig:
         if self.dim % self.heads:
             raise ValueError(f"heads ({self.heads}) must divide dim ({self.dim})")
         return self
@@ -56,8 +57,12 @@ class TrainConfig(BaseModel):
     eval_batch_size: int = Field(2048, ge=1, le=1 << 20)
     epochs: int = Field(3, ge=1, le=10_000)
     patience: int = Field(1, ge=0, le=10_000, description="epochs without valid-AUC gain before stopping")
-    evals_per_epoch: int = Field(1, ge=1, le=10_000, description="validation checks per epoch (early stopping granularity)")
-    t_max: int = Field(2048, ge=1, le=100_000_000, description="histories are truncated to the most recent t_max behaviours")
+    evals_per_epoch: int = Field(
+        1, ge=1, le=10_000, description="validation checks per epoch (early stopping granularity)"
+    )
+    t_max: int = Field(
+        2048, ge=1, le=100_000_000, description="histories are truncated to the most recent t_max behaviours"
+    )
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds torch, numpy and random (numpy needs < 2^32)")
     threads: int | None = Field(None, ge=1, le=1024, description="torch intra-op threads (default: all cores)")
     bucket: int = Field(32, ge=1, le=1_000_000, description="batches per length bucket when shuffling")
@@ -127,7 +132,9 @@ def parse_overrides(overrides: list[str] | None) -> dict:
     return tree
 
 
-def load_config(files: list[str | Path] | None = None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
+def load_config(
+    files: list[str | Path] | None = None, overrides: list[str] | None = None, base: dict | None = None
+) -> RunConfig:
     """Merge base < YAML files < overrides, then validate; errors name the offending field."""
     tree: dict = dict(base or {})
     for path in files or []:

@@ -34,13 +34,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from r2led.atomic import write_json_atomic
 from r2led.bench.plots import save_figure
-from r2led.cli.common import console, print_table
-from r2led.config import load_config
-from r2led.errors import ConfigError
-from r2led.data.store import LifelongStore
 from r2led.bench.report import publish as publish_results
 from r2led.bench.report import run_record, safe_name, write_report
 from r2led.bench.significance import delong_test
+from r2led.cli.common import console, print_table
+from r2led.config import load_config
+from r2led.data.store import LifelongStore
+from r2led.errors import ConfigError
 
 SEARCH_SPACES = Path(__file__).resolve().parent.parent / "configs" / "search.yaml"
 
@@ -88,7 +88,9 @@ def _train(data: Path, job: Job, seed: int, run: Path, files: list[Path], overri
         # threads say how a run was computed, not what it computes
         diff = config_differences(read_run_config(run)[1], cfg, ignore=frozenset({"train.threads"}))
         if diff:
-            raise ConfigError(f"{run} was trained with other settings ({'; '.join(diff)}); delete it or use another --out")
+            raise ConfigError(
+                f"{run} was trained with other settings ({'; '.join(diff)}); delete it or use another --out"
+            )
     done = run / "metrics.json"
     if done.is_file():
         verify_run(run, require_finished=True)
@@ -115,7 +117,12 @@ def load_grid(path: Path | None = None) -> dict:
         spec = yaml.safe_load(text)
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"search grid {path}: {e}") from None
-    if not isinstance(spec, dict) or not isinstance(spec.get("lr"), list) or not spec["lr"] or not isinstance(spec.get("models"), dict):
+    if (
+        not isinstance(spec, dict)
+        or not isinstance(spec.get("lr"), list)
+        or not spec["lr"]
+        or not isinstance(spec.get("models"), dict)
+    ):
         raise ConfigError(f"search grid {path}: expected 'lr: [...]' and 'models: {{name: {{why, knobs}}}}'")
     common = list(spec.get("common") or [])
     models = {}
@@ -123,15 +130,26 @@ def load_grid(path: Path | None = None) -> dict:
         knobs = (entry or {}).get("knobs") if isinstance(entry, dict) else None
         if not isinstance(entry, dict) or not str(entry.get("why") or "").strip():
             raise ConfigError(f"search grid {path}: model {model!r} needs a one-line 'why' for its knobs")
-        if not isinstance(knobs, dict) or len(knobs) != 2 or any(not isinstance(v, list) or len(v) != 2 for v in knobs.values()):
-            raise ConfigError(f"search grid {path}: model {model!r} must declare exactly two knobs with two values each")
+        if (
+            not isinstance(knobs, dict)
+            or len(knobs) != 2
+            or any(not isinstance(v, list) or len(v) != 2 for v in knobs.values())
+        ):
+            raise ConfigError(
+                f"search grid {path}: model {model!r} must declare exactly two knobs with two values each"
+            )
         trials = [
-            [f"train.lr={_yaml_value(lr)}", *(f"{k}={_yaml_value(v)}" for k, v in zip(knobs, values))]
+            [f"train.lr={_yaml_value(lr)}", *(f"{k}={_yaml_value(v)}" for k, v in zip(knobs, values, strict=False))]
             for lr in spec["lr"]
             for values in itertools.product(*knobs.values())
         ]
         models[model] = {"why": str(entry["why"]).strip(), "knobs": knobs, "trials": trials}
-    return {"lr": list(spec["lr"]), "common": common, "models": models, "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    return {
+        "lr": list(spec["lr"]),
+        "common": common,
+        "models": models,
+        "sha256": hashlib.sha256(text.encode()).hexdigest(),
+    }
 
 
 def _trial_label(model: str, trial: list[str]) -> str:
@@ -139,7 +157,9 @@ def _trial_label(model: str, trial: list[str]) -> str:
     return f"search/{model}/" + ",".join(o.split(".", 1)[-1] for o in trial)
 
 
-def _search_trial(data: Path, job: Job, trial: list[str], out: Path, files: list[Path], overrides: list[str], report_only: bool) -> dict | None:
+def _search_trial(
+    data: Path, job: Job, trial: list[str], out: Path, files: list[Path], overrides: list[str], report_only: bool
+) -> dict | None:
     """One search trial's record: its overrides, valid AUC and run folder. A trial that
     diverges (TrainingDiverged) is recorded with valid_auc None and the reason (in the run
     folder's diverged.json, so that a resumed search does not train it again); None when
@@ -161,7 +181,13 @@ def _search_trial(data: Path, job: Job, trial: list[str], out: Path, files: list
 
 
 def search_on_valid(
-    data: Path, models: list[str], out: Path, files: list[Path], overrides: list[str], report_only: bool = False, grid: Path | None = None
+    data: Path,
+    models: list[str],
+    out: Path,
+    files: list[Path],
+    overrides: list[str],
+    report_only: bool = False,
+    grid: Path | None = None,
 ) -> dict[str, dict]:
     """Each model's equal search on valid: per model its trials, the chosen overrides and the
     chosen trial's run folder (also written to ``search.json``).
@@ -177,7 +203,9 @@ def search_on_valid(
     record = {}
     for model in models:
         if model not in spec["models"]:
-            raise ConfigError(f"the search grid declares no trials for model {model!r}; add it to {grid or SEARCH_SPACES}")
+            raise ConfigError(
+                f"the search grid declares no trials for model {model!r}; add it to {grid or SEARCH_SPACES}"
+            )
         trials = spec["models"][model]["trials"]
         scores = []
         for trial in trials:
@@ -192,8 +220,15 @@ def search_on_valid(
             raise ConfigError(f"search {model}: every trial diverged ({scores[0]['diverged']})")
         best = max(ok, key=lambda i: (scores[i]["valid_auc"], -i))
         chosen = [*spec["common"], *scores[best]["overrides"]]
-        record[model] = {"why": spec["models"][model]["why"], "trials": scores, "chosen": chosen, "run": scores[best]["run"]}
-        console.print(f"search {model}: chose {' '.join(scores[best]['overrides'])} (valid AUC {scores[best]['valid_auc']:.4f})")
+        record[model] = {
+            "why": spec["models"][model]["why"],
+            "trials": scores,
+            "chosen": chosen,
+            "run": scores[best]["run"],
+        }
+        console.print(
+            f"search {model}: chose {' '.join(scores[best]['overrides'])} (valid AUC {scores[best]['valid_auc']:.4f})"
+        )
     write_json_atomic(out / "search.json", record)
     return record
 
@@ -202,7 +237,9 @@ def _summary(per_seed: list[dict]) -> dict:
     out = {}
     for split in ("valid", "test"):
         vals = {m: np.array([r[split][m] for r in per_seed]) for m in METRICS}
-        out[split] = {m: {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0} for m, v in vals.items()}
+        out[split] = {
+            m: {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0} for m, v in vals.items()
+        }
     out["train_seconds"] = float(np.mean([r["train_seconds"] for r in per_seed]))
     out["train_samples_per_s"] = float(np.mean([r["train_samples_per_s"] for r in per_seed]))
     out["eval_samples_per_s"] = float(np.mean([r["eval_samples_per_s"] for r in per_seed]))
@@ -245,21 +282,32 @@ def run_accuracy(
     models = [m for m in models if m in tuned]
     seed_list = list(range(seeds))
     # fairness-control and ablation variants may run fewer seeds (their tables say how many)
-    variant_list = seed_list[: variant_seeds] if variant_seeds else seed_list
+    variant_list = seed_list[:variant_seeds] if variant_seeds else seed_list
     jobs = [Job(m, m, tuned[m], "main", list(seed_list)) for m in models]
-    for model, record in (searched or {}).items():  # the chosen trial is the model's seed-0 run: reused, not trained again
+    for model, record in (
+        searched or {}
+    ).items():  # the chosen trial is the model's seed-0 run: reused, not trained again
         seed0 = Job(model, model, [], "main").run_dir(out, 0)
         if 0 in seed_list and not seed0.exists():
             shutil.copytree(record["run"], seed0)
     if fairness:
-        jobs += [Job(f"{m} +sid", m, [*tuned[m], "model.sid_features=true"], "fairness", list(variant_list)) for m in models if m != "r2led"]
+        jobs += [
+            Job(f"{m} +sid", m, [*tuned[m], "model.sid_features=true"], "fairness", list(variant_list))
+            for m in models
+            if m != "r2led"
+        ]
     if ablations and "r2led" in models:
-        jobs += [Job(f"r2led {name}", "r2led", [*tuned["r2led"], *ov], "ablation", list(variant_list)) for name, ov in ABLATIONS.items()]
+        jobs += [
+            Job(f"r2led {name}", "r2led", [*tuned["r2led"], *ov], "ablation", list(variant_list))
+            for name, ov in ABLATIONS.items()
+        ]
 
     results: dict[str, dict] = {}
     records: list[dict] = []
     total = sum(len(j.seeds) for j in jobs)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as bar:
         task = bar.add_task("runs", total=total)
         for job in jobs:
             per_seed = []
@@ -272,9 +320,19 @@ def run_accuracy(
                 metrics = _train(data, job, seed, job.run_dir(out, seed), files, overrides)
                 per_seed.append(metrics)
                 settings = _run_config(job, seed, files, overrides).model_dump(mode="json")
-                records.append(run_record(job.label, job.model, job.group, job.overrides, seed, job.run_dir(out, seed), settings, metrics))
+                records.append(
+                    run_record(
+                        job.label, job.model, job.group, job.overrides, seed, job.run_dir(out, seed), settings, metrics
+                    )
+                )
             if per_seed:
-                results[job.label] = {"model": job.model, "group": job.group, "overrides": job.overrides, "seeds": per_seed, **_summary(per_seed)}
+                results[job.label] = {
+                    "model": job.model,
+                    "group": job.group,
+                    "overrides": job.overrides,
+                    "seeds": per_seed,
+                    **_summary(per_seed),
+                }
 
     _significance(store, jobs, results, out)
     meta = {
@@ -291,7 +349,9 @@ def run_accuracy(
         "config_files": [str(f) for f in files],
         "overrides": overrides,
         # each model's settings before its search overrides (R2LED's were frozen before the search)
-        "defaults": {m: load_config(files, overrides, base={"model": {"name": m}}).model_dump(mode="json") for m in models},
+        "defaults": {
+            m: load_config(files, overrides, base={"model": {"name": m}}).model_dump(mode="json") for m in models
+        },
     }
     write_json_atomic(out / "results.json", {"meta": meta, "results": results, "search": searched})
     folder = Path(publish or out / "results")
@@ -350,8 +410,8 @@ def plot_auc(results: dict, path: Path) -> None:
     stds = [rows[n]["test"]["auc"]["std"] for n in names]
     colors = ["tab:red" if n == "r2led" else "tab:gray" for n in names]
     ax.bar(names, means, yerr=stds, capsize=4, color=colors)
-    lo = min(m - s for m, s in zip(means, stds)) if means else 0.5
-    hi = max(m + s for m, s in zip(means, stds)) if means else 1.0
+    lo = min(m - s for m, s in zip(means, stds, strict=False)) if means else 0.5
+    hi = max(m + s for m, s in zip(means, stds, strict=False)) if means else 1.0
     ax.set_ylim(lo - 0.01, hi + 0.005)
     ax.set_ylabel("test AUC (mean ± std over seeds)")
     ax.tick_params(axis="x", rotation=30)

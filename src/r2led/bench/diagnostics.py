@@ -71,7 +71,7 @@ def popularity_buckets(popularity: np.ndarray, n: int) -> tuple[np.ndarray, list
     edges = edges[edges > low]  # each bucket starts at its lowest count
     bucket = np.searchsorted(edges, popularity, side="right")
     bounds = [low, *edges.astype(int).tolist(), int(popularity.max(initial=0)) + 1]
-    labels = [f"{lo}-{hi - 1}" for lo, hi in zip(bounds[:-1], bounds[1:])]
+    labels = [f"{lo}-{hi - 1}" for lo, hi in zip(bounds[:-1], bounds[1:], strict=False)]
     return bucket, labels
 
 
@@ -89,7 +89,9 @@ def _item_tags(store: LifelongStore) -> torch.Tensor:
 
 
 @torch.no_grad()
-def retrieval_stats(model, store: LifelongStore, split: str = "test", every: int = 10, batch_size: int = 1024, t_max: int = 2048) -> dict:
+def retrieval_stats(
+    model, store: LifelongStore, split: str = "test", every: int = 10, batch_size: int = 1024, t_max: int = 2048
+) -> dict:
     """Per-route fill, match and relevance rates of ``model.retrieve_routes`` on every
     ``every``-th sample of ``split``; see the module docstring."""
     model.eval()
@@ -140,7 +142,9 @@ def retrieval_stats(model, store: LifelongStore, split: str = "test", every: int
         "slots_per_sample": sums["slots"] / n,
         "distinct_per_sample": sums["distinct"] / n,
         "short_relevant_share": sums["short_relevant"] / max(sums["short_filled"], 1.0),
-        "relevance": "shares a tag with the target" if int(store.manifest.get("max_tags", 0)) else "same category as the target",
+        "relevance": "shares a tag with the target"
+        if int(store.manifest.get("max_tags", 0))
+        else "same category as the target",
     }
 
 
@@ -156,14 +160,20 @@ def gate_stats(model, popularity: np.ndarray, n_buckets: int = 5) -> dict | None
     bucket, labels = popularity_buckets(popularity[1:], n_buckets)
     weights = weights.double().numpy()
     rows = [
-        {"popularity": label, "items": int((bucket == i).sum()), "weights": weights[bucket == i].mean(0).round(4).tolist()}
+        {
+            "popularity": label,
+            "items": int((bucket == i).sum()),
+            "weights": weights[bucket == i].mean(0).round(4).tolist(),
+        }
         for i, label in enumerate(labels)
         if (bucket == i).any()
     ]
     return {"views": ["id", *[f"level {j + 1}" for j in range(weights.shape[1] - 1)]], "buckets": rows}
 
 
-def tail_auc(store: LifelongStore, preds: dict[str, np.ndarray], popularity: np.ndarray, n_buckets: int = 5, split: str = "test") -> dict:
+def tail_auc(
+    store: LifelongStore, preds: dict[str, np.ndarray], popularity: np.ndarray, n_buckets: int = 5, split: str = "test"
+) -> dict:
     """AUC on ``split`` by target popularity for each run (the first is the reference for
     DeLong's p); preds: each run's probabilities on the split's rows, in split order."""
     s = store.sample_arrays
@@ -180,7 +190,13 @@ def tail_auc(store: LifelongStore, preds: dict[str, np.ndarray], popularity: np.
         y = label[rows_i]
         if not rows_i.any() or y.min() == y.max():
             continue
-        row = {"popularity": lab, "rows": int(rows_i.sum()), "positive_rate": round(float(y.mean()), 4), "auc": {}, "p": {}}
+        row = {
+            "popularity": lab,
+            "rows": int(rows_i.sum()),
+            "positive_rate": round(float(y.mean()), 4),
+            "auc": {},
+            "p": {},
+        }
         for name in names:
             row["auc"][name] = round(float(roc_auc_score(y, preds[name][rows_i])), 4)
             if name != names[0]:
@@ -195,7 +211,7 @@ def run_names(runs: list[Path]) -> list[str]:
     parts = [Path(r).resolve().parts for r in runs]
     depth = [2 if p[-1].startswith("seed") else 1 for p in parts]
     while True:
-        names = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
+        names = ["/".join(p[-d:]) for p, d in zip(parts, depth, strict=False)]
         clash = [i for i, n in enumerate(names) if names.count(n) > 1 and depth[i] < len(parts[i])]
         if not clash:
             return names
@@ -212,7 +228,14 @@ def split_predictions(run: Path, split: str, loaded=None) -> np.ndarray:
     return predict(model, store, store.split_indices(split), cfg.train.eval_batch_size, cfg.train.t_max)
 
 
-def diagnose(run: Path, compare: list[Path], out: Path, every: int | None = None, n_buckets: int | None = None, split: str | None = None) -> dict:
+def diagnose(
+    run: Path,
+    compare: list[Path],
+    out: Path,
+    every: int | None = None,
+    n_buckets: int | None = None,
+    split: str | None = None,
+) -> dict:
     """Everything the module docstring lists, for ``run`` against ``compare``; writes ``out``.
 
     ``split``, ``n_buckets`` and ``every`` default to configs/analysis.yaml (valid, 5, 10).
@@ -232,7 +255,7 @@ def diagnose(run: Path, compare: list[Path], out: Path, every: int | None = None
     popularity = item_popularity(store)
     report = {"run": names[0], "split": split, "retrieval": {}, "gate": gate_stats(model, popularity, n_buckets)}
     preds = {}
-    for i, (r, name) in enumerate(zip(runs, names)):
+    for i, (r, name) in enumerate(zip(runs, names, strict=False)):
         m, st, c = (model, store, cfg) if i == 0 else load_run(r)
         if hasattr(m, "retrieve_routes"):
             report["retrieval"][name] = retrieval_stats(m, store, split, every, t_max=c.train.t_max)
@@ -259,12 +282,22 @@ def diagnostics_markdown(report: dict) -> str:
                 tail = f"{st['distinct_per_sample']:.1f} of {st['slots_per_sample']:.1f}" if j == 0 else ""
                 short = f"{st['short_relevant_share']:.3f}" if j == 0 else ""
                 lvl = r["level"] if r["level"] is not None else "-"
-                lines.append(f"| {name if j == 0 else ''} | {j + 1} ({lvl}) | {r['filled_per_sample']:.1f} | {r['match_share']:.3f} | {r['relevant_share']:.3f} | {tail} | {short} |")
+                lines.append(
+                    f"| {name if j == 0 else ''} | {j + 1} ({lvl}) | {r['filled_per_sample']:.1f} | {r['match_share']:.3f} | {r['relevant_share']:.3f} | {tail} | {short} |"
+                )
         lines.append("")
     if report["gate"]:
         g = report["gate"]
-        lines += ["## Gate weights by item popularity (training samples per item)", "", f"| popularity | items | {' | '.join(g['views'])} |", "|---|---|" + "---|" * len(g["views"])]
-        lines += [f"| {b['popularity']} | {b['items']:,} | {' | '.join(f'{w:.3f}' for w in b['weights'])} |" for b in g["buckets"]]
+        lines += [
+            "## Gate weights by item popularity (training samples per item)",
+            "",
+            f"| popularity | items | {' | '.join(g['views'])} |",
+            "|---|---|" + "---|" * len(g["views"]),
+        ]
+        lines += [
+            f"| {b['popularity']} | {b['items']:,} | {' | '.join(f'{w:.3f}' for w in b['weights'])} |"
+            for b in g["buckets"]
+        ]
         lines.append("")
     t = report["tail"]
     names = list(t["buckets"][0]["auc"]) if t["buckets"] else []

@@ -47,14 +47,27 @@ def run_history_curve(
     curve: dict[str, dict] = {m: {} for m in models}
     for t in t_maxes:
         results = run_accuracy(
-            data, models, seeds, out / f"t{t}", config_files=config_files,
-            overrides=[*(overrides or []), f"train.t_max={t}"], ablations=False, replicates=200, report_only=report_only,
+            data,
+            models,
+            seeds,
+            out / f"t{t}",
+            config_files=config_files,
+            overrides=[*(overrides or []), f"train.t_max={t}"],
+            ablations=False,
+            replicates=200,
+            report_only=report_only,
         )
         for m in models:
             if m in results:
                 auc = results[m]["test"]["auc"]
-                curve[m][str(t)] = {"mean": round(auc["mean"], 4), "std": round(auc["std"], 4), "seeds": len(results[m]["seeds"]),
-                                    "train_samples_per_s": round(sum(s["train_samples_per_s"] for s in results[m]["seeds"]) / len(results[m]["seeds"]), 1)}
+                curve[m][str(t)] = {
+                    "mean": round(auc["mean"], 4),
+                    "std": round(auc["std"], 4),
+                    "seeds": len(results[m]["seeds"]),
+                    "train_samples_per_s": round(
+                        sum(s["train_samples_per_s"] for s in results[m]["seeds"]) / len(results[m]["seeds"]), 1
+                    ),
+                }
     record = {
         "data": str(data.resolve()),
         "test_rows": int(store.manifest["samples"]["test"]),
@@ -81,11 +94,15 @@ def curve_table(record: dict) -> str:
     for m, row in record["models"].items():
         cells = [f"{row[t]['mean']:.4f} ± {row[t]['std']:.4f}" if t in row else "—" for t in ts]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines.append("| history oracle (true rule, last T visible) | " + " | ".join(f"{record['oracle'][t]:.4f}" for t in ts) + " |")
+    lines.append(
+        "| history oracle (true rule, last T visible) | " + " | ".join(f"{record['oracle'][t]:.4f}" for t in ts) + " |"
+    )
     lines.append("| Bayes ceiling (true probabilities) | " + " | ".join(f"{record['ceiling']:.4f}" for _ in ts) + " |")
     seeds = {row[t]["seeds"] for row in record["models"].values() for t in ts if t in row}
     lines.append("")
-    lines.append(f"Test AUC on {record['test_rows']:,} test rows, mean ± std over {'/'.join(map(str, sorted(seeds)))} seed(s).")
+    lines.append(
+        f"Test AUC on {record['test_rows']:,} test rows, mean ± std over {'/'.join(map(str, sorted(seeds)))} seed(s)."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -99,7 +116,9 @@ def plot_curve(record: dict, path: Path) -> None:
     ts = record["t_max"]
     for m, row in record["models"].items():
         xs = [t for t in ts if str(t) in row]
-        ax.errorbar(xs, [row[str(t)]["mean"] for t in xs], yerr=[row[str(t)]["std"] for t in xs], marker="o", capsize=3, label=m)
+        ax.errorbar(
+            xs, [row[str(t)]["mean"] for t in xs], yerr=[row[str(t)]["std"] for t in xs], marker="o", capsize=3, label=m
+        )
     ax.plot(ts, [record["oracle"][str(t)] for t in ts], ":", color="grey", marker="s", label="history oracle")
     ax.axhline(record["ceiling"], linestyle="--", color="black", label=f"Bayes ceiling {record['ceiling']:.3f}")
     ax.set_xscale("log")

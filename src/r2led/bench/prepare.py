@@ -67,7 +67,9 @@ def _write_source(users: int, length: int, items: int, path: Path) -> None:
     load_synthetic(users=users, length=length, items=items, lazy=True).interactions.sink_parquet(path)
 
 
-def run_prepare_bench(rows: list[int], length: int, items: int, out: str | Path, chunk_rows: int = 1 << 22, modes=("synthetic", "parquet")) -> list[dict]:
+def run_prepare_bench(
+    rows: list[int], length: int, items: int, out: str | Path, chunk_rows: int = 1 << 22, modes=("synthetic", "parquet")
+) -> list[dict]:
     """Measure every size (``rows`` interactions as ``rows // length`` users) in child processes."""
     from r2led.cli.common import console
 
@@ -82,7 +84,17 @@ def run_prepare_bench(rows: list[int], length: int, items: int, out: str | Path,
             if "parquet" in modes:
                 _write_source(users, length, items, work / "interactions.parquet")
             for mode in modes:
-                args = [sys.executable, "-m", "r2led.bench.prepare", mode, str(users), str(length), str(items), str(work), str(chunk_rows)]
+                args = [
+                    sys.executable,
+                    "-m",
+                    "r2led.bench.prepare",
+                    mode,
+                    str(users),
+                    str(length),
+                    str(items),
+                    str(work),
+                    str(chunk_rows),
+                ]
                 done = subprocess.run(args, capture_output=True, text=True)
                 if done.returncode != 0:
                     raise RuntimeError(f"bench prepare {mode} at {n:,} rows failed:\n{done.stderr[-2000:]}")
@@ -95,7 +107,9 @@ def run_prepare_bench(rows: list[int], length: int, items: int, out: str | Path,
                 shutil.rmtree(work / f"store-{mode}", ignore_errors=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    write_json_atomic(out / "prepare.json", {"length": length, "items": items, "chunk_rows": chunk_rows, "results": results})
+    write_json_atomic(
+        out / "prepare.json", {"length": length, "items": items, "chunk_rows": chunk_rows, "results": results}
+    )
     lines = [
         "| source | rows | wall s | rows/s | CPU s | rows per CPU-s | peak RSS | store on disk |",
         "|---|---|---|---|---|---|---|---|",

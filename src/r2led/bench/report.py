@@ -28,7 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from r2led.atomic import write_json_atomic, write_text_atomic
-from r2led.bench.significance import CI_LEVEL, UserBootstrap, clustered_comparison, delong_test, percentile_ci, pooled_auc
+from r2led.bench.significance import (
+    CI_LEVEL,
+    UserBootstrap,
+    clustered_comparison,
+    delong_test,
+    percentile_ci,
+    pooled_auc,
+)
 from r2led.errors import DataError
 
 REFERENCE = "r2led"
@@ -50,7 +57,9 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def run_record(label: str, model: str, group: str, overrides: list[str], seed: int, run: Path, settings: dict, metrics: dict) -> dict:
+def run_record(
+    label: str, model: str, group: str, overrides: list[str], seed: int, run: Path, settings: dict, metrics: dict
+) -> dict:
     """The small JSON record of one finished run (no predictions: their fingerprint)."""
     pred = Path(run) / "test_pred.npy"
     return {
@@ -65,7 +74,10 @@ def run_record(label: str, model: str, group: str, overrides: list[str], seed: i
         "metrics": {
             "valid": {m: metrics["valid"][m] for m in METRICS},
             "test": {m: metrics["test"][m] for m in METRICS},
-            **{k: metrics.get(k) for k in ("train_seconds", "train_samples_per_s", "eval_samples_per_s", "best_epoch", "parameters")},
+            **{
+                k: metrics.get(k)
+                for k in ("train_seconds", "train_samples_per_s", "eval_samples_per_s", "best_epoch", "parameters")
+            },
         },
     }
 
@@ -100,15 +112,23 @@ def load_results(folder: Path) -> tuple[dict, dict[str, dict]]:
     benchmark = json.loads(bench_file.read_text())
     files = sorted((folder / "runs").glob("*/seed*.json"))
     if not files:
-        raise DataError(f"{folder} holds no run results yet (runs/<label>/seed<S>.json); run bench accuracy --publish {folder} first")
+        raise DataError(
+            f"{folder} holds no run results yet (runs/<label>/seed<S>.json); run bench accuracy --publish {folder} first"
+        )
     rows: dict[str, dict] = {}
     for f in files:
         r = json.loads(f.read_text())
-        row = rows.setdefault(r["label"], {"model": r["model"], "group": r["group"], "overrides": r["overrides"], "seeds": []})
+        row = rows.setdefault(
+            r["label"], {"model": r["model"], "group": r["group"], "overrides": r["overrides"], "seeds": []}
+        )
         row["seeds"].append(r)
     order = {g: i for i, (g, _) in enumerate(GROUPS)}
     main_order = list((benchmark.get("meta") or {}).get("models") or [])
-    key = lambda kv: (order.get(kv[1]["group"], 9), main_order.index(kv[1]["model"]) if kv[1]["model"] in main_order else 99, kv[0])
+    key = lambda kv: (
+        order.get(kv[1]["group"], 9),
+        main_order.index(kv[1]["model"]) if kv[1]["model"] in main_order else 99,
+        kv[0],
+    )
     rows = dict(sorted(rows.items(), key=key))
     for row in rows.values():
         row["seeds"].sort(key=lambda r: r["seed"])
@@ -151,9 +171,11 @@ def compute_intervals(rows: dict[str, dict], label: np.ndarray, user: np.ndarray
         else:
             entry.update(clustered_comparison(boot, ref, p))
             entry["reference_sha256"] = _fingerprints(rows[REFERENCE])
-            ref_by_seed = {r["seed"]: x for r, x in zip(rows[REFERENCE]["seeds"], ref)}
+            ref_by_seed = {r["seed"]: x for r, x in zip(rows[REFERENCE]["seeds"], ref, strict=False)}
             entry["delong_p"] = [
-                delong_test(label, ref_by_seed[r["seed"]], x)["p"] for r, x in zip(rows[name]["seeds"], p) if r["seed"] in ref_by_seed
+                delong_test(label, ref_by_seed[r["seed"]], x)["p"]
+                for r, x in zip(rows[name]["seeds"], p, strict=False)
+                if r["seed"] in ref_by_seed
             ]
         out["rows"][name] = entry
     return out
@@ -219,7 +241,7 @@ def render(benchmark: dict, rows: dict[str, dict], intervals: dict[str, dict], r
         "replicate draws the test users with replacement and keeps all rows of a drawn user. A row's AUC is pooled over its "
         "seeds by averaging, in every replicate, the AUCs of its seeds on the same drawn users; the difference is R2LED's "
         "seed-mean AUC minus the row's, on the same draw. "
-        "\"R2LED ahead\" only where the CI of the difference excludes 0, else \"not separable\".",
+        '"R2LED ahead" only where the CI of the difference excludes 0, else "not separable".',
         "- **DeLong's p** treats rows as independent (per seed, R2LED's run against the row's run with the same seed; the largest "
         "p over seeds is shown). It is shown for reference; the claims use the clustered CI.",
         "",
@@ -287,7 +309,9 @@ def _claims(rows: dict[str, dict], intervals: dict[str, dict]) -> list[str]:
             continue
         e = intervals.get(name)
         v = _verdict(e)
-        (ahead if v == "R2LED ahead" else behind if v == "row ahead" else level if v == "not separable" else missing).append(name)
+        (
+            ahead if v == "R2LED ahead" else behind if v == "row ahead" else level if v == "not separable" else missing
+        ).append(name)
     out = ["## Claims (clustered 95% CI of R2LED − row, pooled over seeds)", ""]
     if REFERENCE not in rows:
         return out + ["No R2LED row: no claims.", ""]
@@ -311,7 +335,13 @@ def _test_rows(data: Path) -> tuple[np.ndarray, np.ndarray] | None:
     return s["label"][idx], s["user"][idx]
 
 
-def write_report(folder: Path, markdown: Path | None = None, replicates: int | None = None, seed: int | None = None, data: Path | None = None) -> Path:
+def write_report(
+    folder: Path,
+    markdown: Path | None = None,
+    replicates: int | None = None,
+    seed: int | None = None,
+    data: Path | None = None,
+) -> Path:
     """Regenerate the markdown report of a results folder (default ``<folder>.md``).
 
     Intervals are recomputed from the predictions when the data and every row's

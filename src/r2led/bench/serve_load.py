@@ -80,8 +80,21 @@ def _server_cpu(proc) -> float:
 def _start_server(bundle: Path, store: str, workers: int, threads: int, port: int):
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     script = Path(sys.executable).parent / "r2led"
-    cmd = [str(script) if script.is_file() else "r2led", "serve", str(bundle), "--store", store, "--port", str(port),
-           "--workers", str(workers), "--threads", str(threads), "--max-body-bytes", str(64 << 20)]
+    cmd = [
+        str(script) if script.is_file() else "r2led",
+        "serve",
+        str(bundle),
+        "--store",
+        store,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--threads",
+        str(threads),
+        "--max-body-bytes",
+        str(64 << 20),
+    ]
     # stderr goes to a file, not a pipe: a pipe nobody reads fills up under load and stalls the server
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env, start_new_session=True)
@@ -111,7 +124,9 @@ async def _wait_ready(client, url: str, proc, timeout: float = 300) -> None:
     raise R2ledError(f"r2led serve did not answer /health within {timeout:.0f} s")
 
 
-async def _drive(url: str, proc, item_keys: list[str], history: int, clients: int, candidates: int, duration: float, seed: int):
+async def _drive(
+    url: str, proc, item_keys: list[str], history: int, clients: int, candidates: int, duration: float, seed: int
+):
     import httpx
 
     rng = np.random.default_rng(seed)
@@ -121,10 +136,15 @@ async def _drive(url: str, proc, item_keys: list[str], history: int, clients: in
         for c in range(clients):  # each client scores its own user
             items = rng.choice(item_keys, history)
             body = {"events": [{"item": k, "signal": 1} for k in items.tolist()]}
-            r = await client.put(f"/users/load-{c}/history", content=json.dumps(body), headers={"content-type": "application/json"})
+            r = await client.put(
+                f"/users/load-{c}/history", content=json.dumps(body), headers={"content-type": "application/json"}
+            )
             if r.status_code != 200:
                 raise R2ledError(f"PUT history answered {r.status_code}: {r.text[:200]}")
-        requests = [json.dumps({"user": f"load-{c % clients}", "candidates": rng.choice(item_keys, candidates).tolist()}) for c in range(clients * 8)]
+        requests = [
+            json.dumps({"user": f"load-{c % clients}", "candidates": rng.choice(item_keys, candidates).tolist()})
+            for c in range(clients * 8)
+        ]
         for c in range(clients):  # warm every user's cache entry
             await client.post("/score", content=requests[c], headers={"content-type": "application/json"})
 
@@ -150,7 +170,11 @@ async def _drive(url: str, proc, item_keys: list[str], history: int, clients: in
                     errors += 1
                     continue
                 latencies.append(time.perf_counter() - start)
-                timing = dict(part.strip().split(";dur=") for part in r.headers.get("server-timing", "").split(",") if ";dur=" in part)
+                timing = dict(
+                    part.strip().split(";dur=")
+                    for part in r.headers.get("server-timing", "").split(",")
+                    if ";dur=" in part
+                )
                 model_cpu.append(float(timing.get("model-cpu", "nan")))
 
         await asyncio.gather(*(one_client(c) for c in range(clients)))
@@ -158,8 +182,17 @@ async def _drive(url: str, proc, item_keys: list[str], history: int, clients: in
     return latencies, model_cpu, errors, elapsed, cpu
 
 
-def run_serve_load(bundle: str | Path, histories: list[int], clients: int = 32, duration: float = 30.0, candidates: int = 100,
-                   workers: int = 1, threads: int = 1, seed: int = 0, out: str | Path | None = None) -> list[LoadResult]:
+def run_serve_load(
+    bundle: str | Path,
+    histories: list[int],
+    clients: int = 32,
+    duration: float = 30.0,
+    candidates: int = 100,
+    workers: int = 1,
+    threads: int = 1,
+    seed: int = 0,
+    out: str | Path | None = None,
+) -> list[LoadResult]:
     """Load-test ``bundle`` at each history length (see the module docstring); writes
     ``serve_load.json`` to ``out`` when given."""
     from r2led.serve.bundle_load import read_manifest
@@ -172,7 +205,9 @@ def run_serve_load(bundle: str | Path, histories: list[int], clients: int = 32, 
     t_max = int(manifest["t_max"])
     too_long = [t for t in histories if t > t_max]
     if too_long:
-        raise R2ledError(f"--history {too_long[0]} is longer than the bundle's t_max of {t_max}; the service keeps at most t_max behaviours")
+        raise R2ledError(
+            f"--history {too_long[0]} is longer than the bundle's t_max of {t_max}; the service keeps at most t_max behaviours"
+        )
     results = []
     for history in histories:
         with tempfile.TemporaryDirectory(prefix="r2led-load-") as tmp:
@@ -193,14 +228,32 @@ def run_serve_load(bundle: str | Path, histories: list[int], clients: int = 32, 
         ms = np.asarray(lat) * 1000
         server_ms = cpu * 1000 / max(n, 1)
         model_ms = float(np.nanmean(model_cpu)) if model_cpu else float("nan")
-        results.append(LoadResult(
-            history, workers, clients, candidates, round(elapsed, 2), n, errors, round(n / elapsed, 1),
-            *(round(float(np.percentile(ms, q)), 2) if n else float("nan") for q in (50, 95, 99)),
-            round(server_ms, 3), round(model_ms, 3), round(server_ms - model_ms, 3),
-        ))
+        results.append(
+            LoadResult(
+                history,
+                workers,
+                clients,
+                candidates,
+                round(elapsed, 2),
+                n,
+                errors,
+                round(n / elapsed, 1),
+                *(round(float(np.percentile(ms, q)), 2) if n else float("nan") for q in (50, 95, 99)),
+                round(server_ms, 3),
+                round(model_ms, 3),
+                round(server_ms - model_ms, 3),
+            )
+        )
     if out is not None:
         from r2led.atomic import write_json_atomic
 
-        write_json_atomic(Path(out) / "serve_load.json", {"bundle": str(bundle.resolve()), "model": manifest["model"],
-                                                          "cpus": os.cpu_count(), "results": [asdict(r) for r in results]})
+        write_json_atomic(
+            Path(out) / "serve_load.json",
+            {
+                "bundle": str(bundle.resolve()),
+                "model": manifest["model"],
+                "cpus": os.cpu_count(),
+                "results": [asdict(r) for r in results],
+            },
+        )
     return results

@@ -120,7 +120,9 @@ class UserBootstrap:
         pos = self.label[order]  # (n,)
         # (G, U) rows of each user in each tie group, per class: sparse, n non-zeros in all
         count_pos = sp.csr_matrix((np.ones(int(pos.sum())), (group[pos], users[pos])), shape=(n_groups, self.n_users))
-        count_neg = sp.csr_matrix((np.ones(int((~pos).sum())), (group[~pos], users[~pos])), shape=(n_groups, self.n_users))
+        count_neg = sp.csr_matrix(
+            (np.ones(int((~pos).sum())), (group[~pos], users[~pos])), shape=(n_groups, self.n_users)
+        )
         out = np.empty(self.replicates)
         for a in range(0, self.replicates, self.chunk):
             w = np.ascontiguousarray(self.weights[a : a + self.chunk].T)  # (U, r) user multiplicities
@@ -141,7 +143,9 @@ def pooled_auc(boot: UserBootstrap, scores: list[np.ndarray]) -> np.ndarray:
     return np.mean([boot.auc(s) for s in scores], axis=0)
 
 
-def clustered_comparison(boot: UserBootstrap, reference: list[np.ndarray], other: list[np.ndarray], level: float = CI_LEVEL) -> dict:
+def clustered_comparison(
+    boot: UserBootstrap, reference: list[np.ndarray], other: list[np.ndarray], level: float = CI_LEVEL
+) -> dict:
     """User-clustered CIs of ``other``'s seed-mean AUC and of ``reference - other``.
 
     Pooling over seeds: in every replicate, each run's AUC on the resampled users is computed
@@ -153,7 +157,10 @@ def clustered_comparison(boot: UserBootstrap, reference: list[np.ndarray], other
     lo, hi = percentile_ci(diff, level)
     return {
         "auc_ci": list(percentile_ci(oth, level)),
-        "diff_vs_reference": float(np.mean([_plain_auc(boot.label, s) for s in reference]) - np.mean([_plain_auc(boot.label, s) for s in other])),
+        "diff_vs_reference": float(
+            np.mean([_plain_auc(boot.label, s) for s in reference])
+            - np.mean([_plain_auc(boot.label, s) for s in other])
+        ),
         "diff_ci": [lo, hi],
         "separable": bool(lo > 0 or hi < 0),
     }

@@ -96,13 +96,18 @@ def run_speed(
     """
     models = check_models(models)
     lengths = check_lengths(lengths)
-    for name, value in (("candidates", candidates), ("repeats", repeats), ("train_batch", train_batch), ("threads", threads)):
+    for name, value in (
+        ("candidates", candidates),
+        ("repeats", repeats),
+        ("train_batch", train_batch),
+        ("threads", threads),
+    ):
         if int(value) < 1:
             raise ConfigError(f"{name}: expected a positive integer, got {value}")
     console = console or Console(stderr=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    started = dt.datetime.now(dt.timezone.utc).astimezone()
+    started = dt.datetime.now(dt.UTC).astimezone()
     load_before = os.getloadavg()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -122,14 +127,43 @@ def run_speed(
     }  # fmt: skip
     report["machine"] = machine_info(threads, load_before)
     used = [m for m in strawman if m in models]
-    report["command"] = command_line(lengths, models, out, candidates, repeats, train_batch, items, seed, memory_limit_gb, time_limit_s, used, strawman_max_t)
+    report["command"] = command_line(
+        lengths,
+        models,
+        out,
+        candidates,
+        repeats,
+        train_batch,
+        items,
+        seed,
+        memory_limit_gb,
+        time_limit_s,
+        used,
+        strawman_max_t,
+    )
     report["date"] = started.isoformat(timespec="seconds")
     write_reports(report, out)
     print_summary(report, console)
     return report
 
 
-def _run(lengths, models, candidates, repeats, train_batch, items, seed, warmup, train_steps, memory_limit, time_limit, strawman, strawman_max_t, console, out) -> dict:
+def _run(
+    lengths,
+    models,
+    candidates,
+    repeats,
+    train_batch,
+    items,
+    seed,
+    warmup,
+    train_steps,
+    memory_limit,
+    time_limit,
+    strawman,
+    strawman_max_t,
+    console,
+    out,
+) -> dict:
     cat = synthetic_catalogue(items, seed)
     contenders = []
     for name in models:

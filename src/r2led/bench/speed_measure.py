@@ -132,7 +132,9 @@ class Entry:
 
     def to_dict(self) -> dict:
         out = dict(self.__dict__)
-        reasons = [f"{what}: {why}" for what, why in (("serving", self.serve_skipped), ("training", self.train_skipped)) if why]
+        reasons = [
+            f"{what}: {why}" for what, why in (("serving", self.serve_skipped), ("training", self.train_skipped)) if why
+        ]
         out["skipped"] = "; ".join(reasons) or None
         return out
 
@@ -147,7 +149,7 @@ class Contender:
     optimizer: torch.optim.Optimizer | None  # None: serving only
     mode: str = "warm"
     max_t: int | None = None  # longest history it is run at (the batch path's strawman stops early)
-    floor: "Floor | None" = None
+    floor: Floor | None = None
     serve: Track = field(default_factory=Track)
     train: Track = field(default_factory=Track)
 
@@ -171,7 +173,7 @@ class Contender:
         self.model.score_request(state, cands)  # builds the index, which every append updates
         items, signals = work.requests[1 % len(work.requests)][0][:n], work.requests[1 % len(work.requests)][1][:n]
         times = []
-        for item, sig in zip(items.tolist(), signals.tolist()):
+        for item, sig in zip(items.tolist(), signals.tolist(), strict=False):
             start = time.perf_counter()
             state.append(item, sig)
             times.append(time.perf_counter() - start)
@@ -217,9 +219,21 @@ class Floor:
                 flat = positions.view(-1)
                 r_kv = (items[hist[flat]] + signals[sig[flat]]).view(*positions.shape, -1).contiguous()
                 n_s = min(m.cfg.short_len, len(state))
-                s_kv = (items[hist[len(hist) - n_s :]] + signals[sig[len(hist) - n_s :]]).expand(len(cand), -1, -1).contiguous()
+                s_kv = (
+                    (items[hist[len(hist) - n_s :]] + signals[sig[len(hist) - n_s :]])
+                    .expand(len(cand), -1, -1)
+                    .contiguous()
+                )
                 user = m.request_user_repr(state, len(cand)).contiguous()
-            self._inputs[key] = (words[cands], np.ascontiguousarray(slot_sig), items[cand].contiguous(), r_kv, taken, s_kv, user)
+            self._inputs[key] = (
+                words[cands],
+                np.ascontiguousarray(slot_sig),
+                items[cand].contiguous(),
+                r_kv,
+                taken,
+                s_kv,
+                user,
+            )
         return self._inputs[key]
 
     def call(self, work: Workload, i: int):
@@ -257,7 +271,7 @@ class FloatTensorSizes:
         self.largest = 0
         self.mode = _Mode()
 
-    def __enter__(self) -> "FloatTensorSizes":
+    def __enter__(self) -> FloatTensorSizes:
         self.mode.__enter__()
         return self
 
@@ -282,7 +296,9 @@ def calibrate(contenders: list[Contender], cat: Catalogue, candidates: int, batc
             c.model.train()
             try:
                 train_step(c.model, c.optimizer, work.train)  # creates the optimizer state
-                (_, peak), seconds = _timed(lambda: peak_allocated(lambda: train_step(c.model, c.optimizer, work.train)))
+                (_, peak), seconds = _timed(
+                    lambda: peak_allocated(lambda: train_step(c.model, c.optimizer, work.train))
+                )
                 c.train.t, c.train.peak, c.train.seconds = work.t, peak, seconds
             except Exception as exc:  # noqa: BLE001
                 c.train.stopped = _failure(exc, work.t)
@@ -374,7 +390,9 @@ class Phase:
                         self.call(c, work, self.warmup + 1 + r)
                     except Exception as exc:  # noqa: BLE001 - what it measured so far stays, with a note
                         stopped[c.name] = min(t, stopped.get(c.name, t))
-                        results[c.name][str(t)].notes.append(f"{self.kind} stopped after {len(walls)} of {self.rounds}: {_failure(exc, t)}")
+                        results[c.name][str(t)].notes.append(
+                            f"{self.kind} stopped after {len(walls)} of {self.rounds}: {_failure(exc, t)}"
+                        )
                         continue
                     walls.append(time.perf_counter() - wall0)
                     cpus.append(time.process_time() - cpu0)
@@ -393,7 +411,9 @@ class Phase:
         for c, t, work, walls, cpus in pairs:
             entry = results[c.name][str(t)]
             if not walls:
-                self._skip(entry, f"not run: stopped at a shorter length ({entry.notes[-1] if entry.notes else 'see notes'})")
+                self._skip(
+                    entry, f"not run: stopped at a shorter length ({entry.notes[-1] if entry.notes else 'see notes'})"
+                )
                 continue
             median = float(np.median(walls))
             if self.kind == "serving":
@@ -428,7 +448,9 @@ class Phase:
         if not reason and self.kind == "serving" and c.max_t is not None and work.t > c.max_t:
             reason = f"not run: the strawman is timed up to T={c.max_t:,} only"
         if not reason and self.kind == "training" and work.t > TRAIN_T_MAX:
-            reason = f"not run: training is measured up to T={TRAIN_T_MAX:,} (a batch of histories that long would not fit)"
+            reason = (
+                f"not run: training is measured up to T={TRAIN_T_MAX:,} (a batch of histories that long would not fit)"
+            )
         if reason:
             self._skip(entry, reason)
             progress.advance(task, self.units)
@@ -451,7 +473,9 @@ class Phase:
                 for i in range(len(work.requests)):
                     c.floor.prepare(work, i)
         except _TooSlow as slow:
-            track.stopped = f"not run: a warm-up call took {slow.seconds:.1f} s > {self.time_limit:g} s limit at T={work.t:,}"
+            track.stopped = (
+                f"not run: a warm-up call took {slow.seconds:.1f} s > {self.time_limit:g} s limit at T={work.t:,}"
+            )
         except Exception as exc:  # noqa: BLE001 - recorded in the report, the other models go on
             track.stopped = _failure(exc, work.t)
             progress.console.print(f"[yellow]{c.name}, {self.kind} at T={work.t:,}: {track.stopped}")
@@ -470,11 +494,17 @@ class Phase:
         return True
 
 
-def retrieval_float_check(contenders, cat: Catalogue, lengths: list[int], results: dict, candidates: int, seed: int) -> dict | None:
+def retrieval_float_check(
+    contenders, cat: Catalogue, lengths: list[int], results: dict, candidates: int, seed: int
+) -> dict | None:
     """The largest float tensor R2LED builds for one request at the longest length it ran:
     in its retrieval, and in the whole request (warm state)."""
     ref = next((c for c in contenders if c.name == REFERENCE), None)
-    ran = [t for t in lengths if results.get(REFERENCE, {}).get(str(t)) and results[REFERENCE][str(t)].latency_ms_p50 is not None]
+    ran = [
+        t
+        for t in lengths
+        if results.get(REFERENCE, {}).get(str(t)) and results[REFERENCE][str(t)].latency_ms_p50 is not None
+    ]
     if ref is None or not ran:
         return None
     t = max(ran)
@@ -483,9 +513,8 @@ def retrieval_float_check(contenders, cat: Catalogue, lengths: list[int], result
     ref.model.eval()
     state = ref.model.new_user_state(hist, signal, feats)
     ref.model.score_request(state, cands)  # the per-item caches and the user's index, filled
-    with torch.inference_mode():
-        with FloatTensorSizes() as in_retrieval:
-            ref.model.request_routes(state, torch.from_numpy(cands))
+    with torch.inference_mode(), FloatTensorSizes() as in_retrieval:
+        ref.model.request_routes(state, torch.from_numpy(cands))
     with FloatTensorSizes() as in_request:
         ref.model.score_request(state, cands)
     return {

@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from r2led.atomic import write_json_atomic, write_text_atomic
+from r2led.atomic import write_json_atomic
 from r2led.bench.speed_measure import FLOOR
 from r2led.bench.speed_workload import REFERENCE
 
@@ -47,7 +47,20 @@ def machine_info(threads: int, load_before: tuple[float, float, float]) -> dict:
     }
 
 
-def command_line(lengths, models, out, candidates, repeats, train_batch, items, seed, memory_limit_gb, time_limit_s, strawman=(), strawman_max_t=100_000) -> str:
+def command_line(
+    lengths,
+    models,
+    out,
+    candidates,
+    repeats,
+    train_batch,
+    items,
+    seed,
+    memory_limit_gb,
+    time_limit_s,
+    strawman=(),
+    strawman_max_t=100_000,
+) -> str:
     cmd = (
         f"r2led bench speed --lengths {','.join(map(str, lengths))} --models {','.join(models)} --out {out} "
         f"--candidates {candidates} --repeats {repeats} --train-batch {train_batch} --items {items} --seed {seed} "
@@ -94,7 +107,13 @@ def _write_json(obj: dict, path: Path) -> None:
 def _cell(value: float | None, ref: float | None, fmt: str, skipped: str | None) -> str:
     if value is None:
         if skipped:
-            return "not run (memory)" if "GB" in skipped or "memory" in skipped else "not run (time)" if " s " in skipped else "not run"
+            return (
+                "not run (memory)"
+                if "GB" in skipped or "memory" in skipped
+                else "not run (time)"
+                if " s " in skipped
+                else "not run"
+            )
         return "—"
     text = format(value, fmt)
     return f"{text} ({value / ref:.2f}x)" if ref else text
@@ -108,7 +127,9 @@ def _table(report: dict, key: str, fmt: str, skipped_key: str, ref_name: str = R
         cells = []
         for t in lengths:
             e = per_t.get(str(t), {})
-            cells.append(_cell(e.get(key), _figure(res, ref_name, t, key) if ref_name else None, fmt, e.get(skipped_key)))
+            cells.append(
+                _cell(e.get(key), _figure(res, ref_name, t, key) if ref_name else None, fmt, e.get(skipped_key))
+            )
         if all(c == "—" for c in cells):
             continue
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -247,9 +268,17 @@ def speed_markdown(report: dict) -> str:
             f"whole request; one (candidates, T, d) tensor would have {rc['candidates_x_t_x_d']:,}.",
         ]
     reasons = [
-        f"- {name}, T={int(t):,}: {e['skipped']}" for name, per_t in report["results"].items() for t, e in per_t.items() if e.get("skipped")
+        f"- {name}, T={int(t):,}: {e['skipped']}"
+        for name, per_t in report["results"].items()
+        for t, e in per_t.items()
+        if e.get("skipped")
     ]
-    notes = [f"- {name}, T={int(t):,}: {n}" for name, per_t in report["results"].items() for t, e in per_t.items() for n in e.get("notes", [])]
+    notes = [
+        f"- {name}, T={int(t):,}: {n}"
+        for name, per_t in report["results"].items()
+        for t, e in per_t.items()
+        for n in e.get("notes", [])
+    ]
     lines += ["", "## Not run, and why", "", *(reasons or ["- every model ran at every length"])]
     if notes:
         lines += ["", "## Stopped early", "", *notes]
@@ -305,7 +334,7 @@ def latency_plot(report: dict, path: Path) -> None:
         colour = "black" if name == FLOOR else colours.setdefault(base, palette[len(colours) % len(palette)])
         style = {"warm": "-", "cold": "--", "batch": ":", "floor": "-."}.get(mode, "-")
         width = 2.6 if base == REFERENCE else 1.3
-        ax.plot(*zip(*points), style, color=colour, marker="o", markersize=3, linewidth=width, label=name)
+        ax.plot(*zip(*points, strict=False), style, color=colour, marker="o", markersize=3, linewidth=width, label=name)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("history length T")
@@ -322,7 +351,9 @@ def latency_plot(report: dict, path: Path) -> None:
 
 def print_summary(report: dict, console: Console) -> None:
     res, lengths = report["results"], report["settings"]["lengths"]
-    table = Table(title="Serving CPU time p50 (ms) and training throughput (samples/s); (x warm R2LED)", title_justify="left")
+    table = Table(
+        title="Serving CPU time p50 (ms) and training throughput (samples/s); (x warm R2LED)", title_justify="left"
+    )
     table.add_column("model")
     for t in lengths:
         table.add_column(f"T={t:,}", justify="right")
@@ -331,11 +362,18 @@ def print_summary(report: dict, console: Console) -> None:
         for t in lengths:
             e = per_t.get(str(t), {})
             cpu = _cell(e.get("cpu_ms_p50"), _figure(res, REFERENCE, t, "cpu_ms_p50"), ".2f", e.get("serve_skipped"))
-            thr = _cell(e.get("train_samples_per_s"), _figure(res, REFERENCE, t, "train_samples_per_s"), ",.0f", e.get("train_skipped"))
+            thr = _cell(
+                e.get("train_samples_per_s"),
+                _figure(res, REFERENCE, t, "train_samples_per_s"),
+                ",.0f",
+                e.get("train_skipped"),
+            )
             row.append(f"{cpu}\n{thr}" if e.get("train_samples_per_s") is not None else cpu)
         table.add_row(name, *row)
     console.print(table)
-    console.print("R2LED (warm) per T: CPU ms; / SIM-hard; / ETA; wall p50 / p50 at shortest T; CPU / CPU at shortest T; / floor; cold / warm; training / SIM-hard")
+    console.print(
+        "R2LED (warm) per T: CPU ms; / SIM-hard; / ETA; wall p50 / p50 at shortest T; CPU / CPU at shortest T; / floor; cold / warm; training / SIM-hard"
+    )
     for h in headline(report):
         ms = f"{h['r2led_cpu_ms']:.2f}" if h["r2led_cpu_ms"] else "—"
         console.print(

@@ -44,7 +44,9 @@ def _zipf_cdf(n: int, exponent: float) -> np.ndarray:
     return cdf / cdf[-1]
 
 
-def synthetic_catalogue(items: int, seed: int = 0, branching: tuple[int, ...] = BRANCHING, zipf: float = 1.1) -> Catalogue:
+def synthetic_catalogue(
+    items: int, seed: int = 0, branching: tuple[int, ...] = BRANCHING, zipf: float = 1.1
+) -> Catalogue:
     """``items`` items on the leaves of a hidden hierarchy; SID codes = the leaf's path.
 
     Leaves get skewed sizes (weight ``rank ** -0.7``), so some SID prefixes hold many items and
@@ -57,7 +59,9 @@ def synthetic_catalogue(items: int, seed: int = 0, branching: tuple[int, ...] = 
     leaf_weight = rng.permutation((np.arange(n_leaves) + 1.0) ** -0.7)
     leaf = rng.choice(n_leaves, size=items, p=leaf_weight / leaf_weight.sum())
     codes = np.stack(np.unravel_index(leaf, branching), axis=1).astype(np.int64)  # (N, L)
-    sid = SidTable.from_codes(codes, {"encoder": "synthetic hierarchy", "codebook_sizes": list(branching), "seed": seed})
+    sid = SidTable.from_codes(
+        codes, {"encoder": "synthetic hierarchy", "codebook_sizes": list(branching), "seed": seed}
+    )
 
     ids = np.arange(1, items + 1)
     top = codes[:, 0]
@@ -124,7 +128,9 @@ def draw_candidates(cat: Catalogue, interests: np.ndarray, n: int, rng: np.rando
     return out
 
 
-def request_batch(hist: np.ndarray, signal: np.ndarray, feats: np.ndarray, candidates: np.ndarray, user: int, shared: bool = True) -> Batch:
+def request_batch(
+    hist: np.ndarray, signal: np.ndarray, feats: np.ndarray, candidates: np.ndarray, user: int, shared: bool = True
+) -> Batch:
     """One serving request: ``len(candidates)`` rows over ONE history (T,).
 
     ``shared``: the rows are ``expand``-ed views of one tensor (stride 0, nothing copied);
@@ -147,7 +153,9 @@ def request_batch(hist: np.ndarray, signal: np.ndarray, feats: np.ndarray, candi
     )
 
 
-def training_batch(hist: np.ndarray, signal: np.ndarray, feats: np.ndarray, targets: np.ndarray, labels: np.ndarray) -> Batch:
+def training_batch(
+    hist: np.ndarray, signal: np.ndarray, feats: np.ndarray, targets: np.ndarray, labels: np.ndarray
+) -> Batch:
     """A training batch: every sample has its own history (B, T)."""
     return Batch(
         user=torch.arange(len(hist)),
@@ -185,7 +193,9 @@ class Workload:
         if u not in self._states:
             hist, signal, feats = self.users[u]
             spec = self.spec
-            self._states[u] = UserState(hist, signal, feats, spec.n_items, spec.signal_size, len(spec.user_feature_sizes))
+            self._states[u] = UserState(
+                hist, signal, feats, spec.n_items, spec.signal_size, len(spec.user_feature_sizes)
+            )
         return self._states[u]
 
 
@@ -199,7 +209,9 @@ def make_workload(cat: Catalogue, t: int, n_requests: int, candidates: int, trai
     n_users = min(n_requests, max(2, USERS_BUDGET // t))
     hist, signal, feats, interests = synthetic_histories(cat, n_users, t, rng)
     users = [(hist[u], signal[u], feats[u]) for u in range(n_users)]
-    requests = [(*users[i % n_users], draw_candidates(cat, interests[i % n_users], candidates, rng)) for i in range(n_requests)]
+    requests = [
+        (*users[i % n_users], draw_candidates(cat, interests[i % n_users], candidates, rng)) for i in range(n_requests)
+    ]
     distinct = float(np.mean([len(np.unique(h)) for h in hist]))
     hist, signal, feats, interests = synthetic_histories(cat, train_batch, min(t, TRAIN_T_MAX), rng)
     targets = np.array([draw_candidates(cat, interests[i], 2, rng)[i % 2] for i in range(train_batch)])

@@ -24,7 +24,9 @@ def _ints(value: str, option: str) -> list[int]:
 @bench_app.command("accuracy")
 def accuracy(
     data: Path = typer.Argument(..., help="prepared data folder (with its SID table)"),
-    models: str = typer.Option("r2led,din,din-long,avgpool,sim-hard,sim-soft,eta,sdim,twin", help="comma-separated model names"),
+    models: str = typer.Option(
+        "r2led,din,din-long,avgpool,sim-hard,sim-soft,eta,sdim,twin", help="comma-separated model names"
+    ),
     seeds: int = typer.Option(3, min=1, help="seeds per model (0..seeds-1)"),
     out: Path = typer.Option(..., "--out", help="results folder (finished runs are reused)"),
     config: list[Path] = typer.Option([], "--config", help="YAML config applied to every run"),
@@ -32,27 +34,52 @@ def accuracy(
     search: bool = typer.Option(False, help="run each model's small search on valid first"),
     ablations: bool = typer.Option(True, help="also run R2LED's ablation switches"),
     fairness: bool = typer.Option(False, help="also run every baseline with model.sid_features=true"),
-    variant_seeds: int | None = typer.Option(None, min=1, help="seeds for the fairness and ablation variants (default: --seeds)"),
+    variant_seeds: int | None = typer.Option(
+        None, min=1, help="seeds for the fairness and ablation variants (default: --seeds)"
+    ),
     report_only: bool = typer.Option(False, help="train nothing: tabulate the finished runs"),
     grid: Path | None = typer.Option(None, "--grid", help="search grid YAML (default: configs/search.yaml)"),
-    publish: Path | None = typer.Option(None, "--publish", help="folder for the per-run JSON files (default OUT/results; e.g. docs/results)"),
+    publish: Path | None = typer.Option(
+        None, "--publish", help="folder for the per-run JSON files (default OUT/results; e.g. docs/results)"
+    ),
     replicates: int = typer.Option(1000, min=1, help="user-clustered bootstrap replicates"),
     bootstrap_seed: int = typer.Option(0, help="seed of the bootstrap's user draws"),
 ) -> None:
     """Train every model x seed on the same protocol; tables, significance tests and plots."""
     from r2led.bench.accuracy import run_accuracy
 
-    run_accuracy(data, _csv(models), seeds, out, config_files=config, overrides=set_, search=search, ablations=ablations, fairness=fairness, variant_seeds=variant_seeds, report_only=report_only,
-                 grid=grid, publish=publish, replicates=replicates, bootstrap_seed=bootstrap_seed)
+    run_accuracy(
+        data,
+        _csv(models),
+        seeds,
+        out,
+        config_files=config,
+        overrides=set_,
+        search=search,
+        ablations=ablations,
+        fairness=fairness,
+        variant_seeds=variant_seeds,
+        report_only=report_only,
+        grid=grid,
+        publish=publish,
+        replicates=replicates,
+        bootstrap_seed=bootstrap_seed,
+    )
 
 
 @bench_app.command("report")
 def report(
     folder: Path = typer.Argument(..., help="results folder with benchmark.json and runs/ (e.g. docs/results/)"),
-    markdown: Path | None = typer.Option(None, "--markdown", help="report to write (default: FOLDER.md, e.g. docs/results.md)"),
+    markdown: Path | None = typer.Option(
+        None, "--markdown", help="report to write (default: FOLDER.md, e.g. docs/results.md)"
+    ),
     replicates: int | None = typer.Option(None, min=1, help="bootstrap replicates (default: as recorded, else 1000)"),
-    bootstrap_seed: int | None = typer.Option(None, help="seed of the bootstrap's user draws (default: as recorded, else 0)"),
-    data: Path | None = typer.Option(None, "--data", help="prepared data folder (default: the one the benchmark recorded)"),
+    bootstrap_seed: int | None = typer.Option(
+        None, help="seed of the bootstrap's user draws (default: as recorded, else 0)"
+    ),
+    data: Path | None = typer.Option(
+        None, "--data", help="prepared data folder (default: the one the benchmark recorded)"
+    ),
 ) -> None:
     """Regenerate the accuracy report from a results folder's JSON (intervals from the runs' predictions when present)."""
     from r2led.bench.report import write_report
@@ -64,7 +91,9 @@ def report(
 @bench_app.command("speed")
 def speed(
     lengths: str = typer.Option("100,1000,10000,100000,1000000", help="history lengths T"),
-    models: str = typer.Option("r2led,din,din-long,avgpool,sim-hard,sim-soft,eta,sdim,twin", help="comma-separated model names"),
+    models: str = typer.Option(
+        "r2led,din,din-long,avgpool,sim-hard,sim-soft,eta,sdim,twin", help="comma-separated model names"
+    ),
     out: Path = typer.Option(..., "--out", help="results folder"),
     candidates: int = typer.Option(100, help="candidate items per serving request"),
     repeats: int = typer.Option(20, help="timed requests per model and length"),
@@ -89,7 +118,9 @@ def diagnose(
     run: Path = typer.Argument(..., help="a finished R2LED run folder"),
     compare: list[Path] = typer.Option([], "--compare", help="another finished run on the same data (repeatable)"),
     out: Path = typer.Option(..., "--out", help="folder for diagnostics.json and diagnostics.md"),
-    every: int | None = typer.Option(None, min=1, help="retrieval statistics on every N-th sample (default: configs/analysis.yaml, 10)"),
+    every: int | None = typer.Option(
+        None, min=1, help="retrieval statistics on every N-th sample (default: configs/analysis.yaml, 10)"
+    ),
     buckets: int | None = typer.Option(None, min=1, help="item-popularity buckets (default: configs/analysis.yaml, 5)"),
     split: str | None = typer.Option(None, help="valid (default, configs/analysis.yaml) | test (final tables only)"),
 ) -> None:
@@ -115,7 +146,14 @@ def history(
     from r2led.bench.history_curve import run_history_curve
 
     run_history_curve(
-        data, _csv(models), _ints(t_max, "--t-max"), seeds, out, config_files=config, overrides=set_, report_only=report_only
+        data,
+        _csv(models),
+        _ints(t_max, "--t-max"),
+        seeds,
+        out,
+        config_files=config,
+        overrides=set_,
+        report_only=report_only,
     )
 
 
@@ -150,13 +188,36 @@ def serve_load(
 
     lengths = [int(float(t)) for t in _csv(history)]
     if not lengths or min(lengths) < 0:
-        raise typer.BadParameter(f"expected comma-separated history lengths >= 0, got {history[:100]!r}", param_hint="--history")
-    results = run_serve_load(bundle, lengths, clients=clients, duration=duration, candidates=candidates, workers=workers, threads=threads, out=out)
+        raise typer.BadParameter(
+            f"expected comma-separated history lengths >= 0, got {history[:100]!r}", param_hint="--history"
+        )
+    results = run_serve_load(
+        bundle,
+        lengths,
+        clients=clients,
+        duration=duration,
+        candidates=candidates,
+        workers=workers,
+        threads=threads,
+        out=out,
+    )
     print_table(
         f"r2led serve: {clients} clients, {candidates} candidates, {workers} worker(s) x {threads} thread(s); times in ms, CPU per request",
         ["T", "req/s", "p50", "p95", "p99", "errors", "CPU", "model", "other"],
-        [[str(r.history), f"{r.req_per_s:.1f}", f"{r.p50_ms:.0f}", f"{r.p95_ms:.0f}", f"{r.p99_ms:.0f}", str(r.errors),
-          f"{r.server_cpu_ms_per_req:.2f}", f"{r.model_cpu_ms_per_req:.2f}", f"{r.other_cpu_ms_per_req:.2f}"] for r in results],
+        [
+            [
+                str(r.history),
+                f"{r.req_per_s:.1f}",
+                f"{r.p50_ms:.0f}",
+                f"{r.p95_ms:.0f}",
+                f"{r.p99_ms:.0f}",
+                str(r.errors),
+                f"{r.server_cpu_ms_per_req:.2f}",
+                f"{r.model_cpu_ms_per_req:.2f}",
+                f"{r.other_cpu_ms_per_req:.2f}",
+            ]
+            for r in results
+        ],
     )
     typer.echo("other = the server's CPU outside the model: HTTP, JSON, validation, the history store")
 
@@ -174,7 +235,9 @@ def train_scale(
     """Training throughput and peak memory against T_max, one process per run."""
     from r2led.bench.train_scale import run_train_scale
 
-    run_train_scale(data, _csv(models), _ints(t_max, "--t-max"), out, max_train=max_train, max_eval=max_eval, overrides=set_)
+    run_train_scale(
+        data, _csv(models), _ints(t_max, "--t-max"), out, max_train=max_train, max_eval=max_eval, overrides=set_
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -40,12 +40,16 @@ def print_manifest(manifest: dict) -> None:
 
 @app.command()
 def prepare(
-    name: str = typer.Argument(..., help="ml-1m | ml-100k | synthetic | synthetic-lifelong | taobao | amazon | kuairand"),
+    name: str = typer.Argument(
+        ..., help="ml-1m | ml-100k | synthetic | synthetic-lifelong | taobao | amazon | kuairand"
+    ),
     out: Path = typer.Option(..., "--out", help="data folder to write"),
     force: bool = typer.Option(False, help="replace an existing store"),
     path: Path | None = typer.Option(None, help="input file or folder (taobao, amazon, kuairand)"),
     users: int | None = typer.Option(None, min=1, help="synthetic: number of users [1000; synthetic-lifelong: 300]"),
-    length: int | None = typer.Option(None, min=1, help="synthetic: behaviours per user, mean [200; synthetic-lifelong: 10000]"),
+    length: int | None = typer.Option(
+        None, min=1, help="synthetic: behaviours per user, mean [200; synthetic-lifelong: 10000]"
+    ),
     items: int | None = typer.Option(None, min=1, help="synthetic: catalogue size [2000; synthetic-lifelong: 4000]"),
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="synthetic: random seed"),
     samples_last_n: int | None = typer.Option(None, help="only each user's last n rows become samples"),

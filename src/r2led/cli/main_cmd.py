@@ -41,7 +41,9 @@ def main_job(
     if not (data / "sid" / "meta.json").is_file():
         console.rule("2/3 semantic IDs (all-MiniLM-L6-v2 + residual k-means)")
         table = build_sid_table(store, progress=True)
-        console.print(f"SIDs: unique rate {table.quality['unique_sid_rate']:.3f}, built in {table.quality['build_seconds']:.1f} s")
+        console.print(
+            f"SIDs: unique rate {table.quality['unique_sid_rate']:.3f}, built in {table.quality['build_seconds']:.1f} s"
+        )
     files = config or ([DEFAULT_CONFIG] if DEFAULT_CONFIG.is_file() and store.name == "ml-1m" else [])
     results = {}
     for name in [m.strip() for m in models.split(",") if m.strip()]:
@@ -55,7 +57,15 @@ def main_job(
         cfg = load_config(files, [*set_, f"train.seed={seed}"], base={"model": {"name": name}})
         results[name] = Trainer(data, cfg, run, resume=True).fit()
     rows = [
-        [n, r["test"]["auc"], r["test"]["logloss"], r["test"]["gauc"], r["valid"]["auc"], r["train_samples_per_s"], r["seconds"]]
+        [
+            n,
+            r["test"]["auc"],
+            r["test"]["logloss"],
+            r["test"]["gauc"],
+            r["valid"]["auc"],
+            r["train_samples_per_s"],
+            r["seconds"],
+        ]
         for n, r in results.items()
     ]
     cols = ["model", "test AUC", "test LogLoss", "test GAUC", "valid AUC", "train samples/s", "wall s"]
@@ -63,7 +73,9 @@ def main_job(
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "summary.json", {"results": results, "seconds": round(time.perf_counter() - t0, 1)})
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(f"{v:.4f}" if isinstance(v, float) and v < 10 else str(v) for v in row) + " |" for row in rows]
+    lines += [
+        "| " + " | ".join(f"{v:.4f}" if isinstance(v, float) and v < 10 else str(v) for v in row) + " |" for row in rows
+    ]
     write_text_atomic(out / "summary.md", "\n".join(lines) + "\n")
     console.print(f"done in {time.perf_counter() - t0:.0f} s; summary in {out}/summary.md")
 

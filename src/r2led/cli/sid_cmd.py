@@ -128,6 +128,8 @@ def info(
     n_items = LifelongStore(data).n_items if (data / "manifest.json").is_file() else None
     table = SidTable.load(data / name, n_items=n_items)
     if not {"n_items", "n_sids", "unique_sid_rate", "levels"} <= table.quality.keys():
-        console.print(f"[bold]{data / name}[/]: {table.levels} levels, {table.n_items:,} items, settings {table.settings}; no quality report")
+        console.print(
+            f"[bold]{data / name}[/]: {table.levels} levels, {table.n_items:,} items, settings {table.settings}; no quality report"
+        )
         return
     print_quality(table.settings, table.quality, title=str(data / name))

@@ -16,7 +16,9 @@ def train(
     config: list[Path] = typer.Option([], "--config", help="YAML config file(s), merged in order"),
     set_: list[str] = typer.Option([], "--set", help="override, e.g. --set model.rho=0.5 --set train.lr=1e-3"),
     seed: int | None = typer.Option(None, "--seed", help="shorthand for --set train.seed=S"),
-    resume: bool = typer.Option(False, "--resume", help="continue from RUN/last.pt if present (same settings and data)"),
+    resume: bool = typer.Option(
+        False, "--resume", help="continue from RUN/last.pt if present (same settings and data)"
+    ),
     force: bool = typer.Option(False, "--force", help="replace the run already in --out (its files are deleted)"),
     max_memory: str | None = typer.Option(
         None, "--max-memory", help="memory to allow, e.g. 8GB (default: what is available now); larger runs are refused"
@@ -40,7 +42,11 @@ def train(
 
 
 def print_metrics(title: str, result: dict) -> None:
-    rows = [[split, result[split]["auc"], result[split]["logloss"], result[split]["gauc"]] for split in ("valid", "test") if split in result]
+    rows = [
+        [split, result[split]["auc"], result[split]["logloss"], result[split]["gauc"]]
+        for split in ("valid", "test")
+        if split in result
+    ]
     print_table(title, ["split", "AUC", "LogLoss", "GAUC"], rows)
     if "train_samples_per_s" in result:
         console.print(f"train {result['train_samples_per_s']:,.0f} samples/s, total {result['seconds']:.0f} s")
@@ -56,7 +62,11 @@ def evaluate(
 
     model, store, cfg = load_run(run)
     metrics = evaluate_split(model, store, split, cfg)
-    print_table(f"{cfg.model.name} on {split}", ["split", "AUC", "LogLoss", "GAUC", "samples"], [[split, metrics["auc"], metrics["logloss"], metrics["gauc"], metrics["samples"]]])
+    print_table(
+        f"{cfg.model.name} on {split}",
+        ["split", "AUC", "LogLoss", "GAUC", "samples"],
+        [[split, metrics["auc"], metrics["logloss"], metrics["gauc"], metrics["samples"]]],
+    )
     write_json_atomic(run / f"eval_{split}.json", metrics)
 
 

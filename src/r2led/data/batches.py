@@ -32,7 +32,7 @@ class Batch:
     def __len__(self) -> int:
         return int(self.target.shape[0])
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
@@ -128,7 +128,9 @@ class BatchIterator:
 
     def _batches(self) -> list[np.ndarray]:
         lengths = self.store.history_lengths(self.sample_idx, self.t_max)
-        batches = batch_order(lengths, self.batch_size, self.shuffle, self.seed + self.epoch, self.bucket, self.max_tokens)
+        batches = batch_order(
+            lengths, self.batch_size, self.shuffle, self.seed + self.epoch, self.bucket, self.max_tokens
+        )
         if self.world > 1:
             if self.drop_uneven:
                 batches = batches[: len(batches) - len(batches) % self.world]

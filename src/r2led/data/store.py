@@ -45,17 +45,30 @@ _GATHER_TOKENS = 1 << 20  # history tokens gathered per block in LifelongStore.h
 STORE_FILES = ("samples.parquet", "items.parquet", "users.parquet", "vocab.json")  # besides seq_*.npy
 FORMAT_VERSION = 1
 # Manifest keys every reader relies on (a manifest without them is refused on load).
-MANIFEST_KEYS = ("name", "users", "items", "interactions", "samples", "split_users", "positive_rate", "history",
-                 "user_features", "categories", "tags", "max_tags", "signal_max")
+MANIFEST_KEYS = (
+    "name",
+    "users",
+    "items",
+    "interactions",
+    "samples",
+    "split_users",
+    "positive_rate",
+    "history",
+    "user_features",
+    "categories",
+    "tags",
+    "max_tags",
+    "signal_max",
+)
 
 
 def build_store(
-    tables: "CanonicalTables",
+    tables: CanonicalTables,
     out: str | Path,
     protocol: Protocol | None = None,
     force: bool = False,
     chunk_rows: int = 1 << 22,
-) -> "LifelongStore":
+) -> LifelongStore:
     """Encode canonical tables, apply the protocol and write a store folder atomically.
 
     Streaming and out of core (``r2led.data.store_writer.write_store``): the interactions may
@@ -238,7 +251,7 @@ class LifelongStore:
             raise DataError(f"{path} is corrupt: {exc}") from exc
         return out
 
-    def sample_view(self, ranges: list[tuple[int, int]]) -> "LifelongStore":
+    def sample_view(self, ranges: list[tuple[int, int]]) -> LifelongStore:
         """This store with a sample table of only rows ``[lo, hi)`` of each range, in order.
 
         Reads just the parquet row groups that overlap the ranges (a rank's shard, see

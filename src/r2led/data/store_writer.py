@@ -50,7 +50,7 @@ def _dense_ids(keys: pl.Series, table_keys: pl.Series) -> np.ndarray:
     try:
         return keys.cast(pl.Enum(table_keys)).to_physical().to_numpy().astype(np.int32)
     except Exception:  # e.g. categories polars cannot hold in an Enum: the slower exact path
-        index = dict(zip(table_keys.to_list(), range(len(table_keys))))
+        index = dict(zip(table_keys.to_list(), range(len(table_keys)), strict=False))
         return keys.replace_strict(index, return_dtype=pl.Int32).to_numpy()
 
 
@@ -113,8 +113,14 @@ _RAW = {"u": np.int32, "i": np.int32, "ts": np.int64, "sig": np.int8}
 _ROUTED = {"dest": np.int64, "i": np.int32, "ts": np.int64, "sig": np.int8, "rank": np.int64}
 _TS_SAMPLE_EVERY = 64
 SAMPLES_SCHEMA = pa.schema(
-    [("user", pa.int32()), ("pos", pa.int32()), ("target", pa.int32()), ("label", pa.int8()),
-     ("split", pa.int8()), ("rank", pa.int64())]
+    [
+        ("user", pa.int32()),
+        ("pos", pa.int32()),
+        ("target", pa.int32()),
+        ("label", pa.int8()),
+        ("split", pa.int8()),
+        ("rank", pa.int64()),
+    ]
 )
 
 
@@ -235,7 +241,10 @@ def _validate_key_tables(tables: CanonicalTables) -> None:
     missing = [c for c in ("user", "item", "ts", "signal") if c not in schema]
     if missing:
         raise DataError(f"interactions table lacks column(s) {missing}; it has {list(schema)}")
-    for table, df, cols in (("items", tables.items, ["item", "text", "category", "tags"]), ("users", tables.users, ["user"])):
+    for table, df, cols in (
+        ("items", tables.items, ["item", "text", "category", "tags"]),
+        ("users", tables.users, ["user"]),
+    ):
         lacking = [c for c in cols if c not in df.columns]
         if lacking:
             raise DataError(f"{table} table lacks column(s) {lacking}; it has {df.columns}")
@@ -344,8 +353,14 @@ class _SampleWriter:
         split[idx < self.n_train] = 0
         self.writer.write_table(
             pa.table(
-                {"user": user.astype(np.int32), "pos": pos.astype(np.int32), "target": target.astype(np.int32),
-                 "label": label.astype(np.int8), "split": split, "rank": rank.astype(np.int64)},
+                {
+                    "user": user.astype(np.int32),
+                    "pos": pos.astype(np.int32),
+                    "target": target.astype(np.int32),
+                    "label": label.astype(np.int8),
+                    "split": split,
+                    "rank": rank.astype(np.int64),
+                },
                 schema=SAMPLES_SCHEMA,
             )
         )
@@ -379,8 +394,15 @@ def _n_samples(counts: np.ndarray, protocol: Protocol) -> int:
 
 
 def _order_pass(
-    buckets: list[_Columns], enc: _Encoded, urank: np.ndarray, irank: np.ndarray, offsets: np.ndarray,
-    user_chunk: np.ndarray, work: Path, samples: _SampleWriter, protocol: Protocol,
+    buckets: list[_Columns],
+    enc: _Encoded,
+    urank: np.ndarray,
+    irank: np.ndarray,
+    offsets: np.ndarray,
+    user_chunk: np.ndarray,
+    work: Path,
+    samples: _SampleWriter,
+    protocol: Protocol,
 ) -> list[_Columns]:
     """Pass 3: global order per time bucket; samples out; rows routed to user chunks."""
     counts = enc.counts
@@ -495,7 +517,10 @@ def write_store(
     n_users, n_items = users_tbl.height, items_tbl.height
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work_dir, staged_folder(out) as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work_dir,
+        staged_folder(out) as tmp,
+    ):
         work = Path(work_dir)
         enc = _encode_pass(tables, work, chunk_rows)
         n_rows = enc.raw.rows
@@ -510,7 +535,9 @@ def write_store(
         np.cumsum(enc.counts, out=offsets[1:])
         # User chunks: consecutive users holding about chunk_rows rows each.
         _, user_chunk = np.unique(offsets[:-1] // chunk_rows, return_inverse=True)
-        chunk_bounds = offsets[np.searchsorted(user_chunk, np.arange(int(user_chunk.max()) + 2), side="left").clip(max=n_users)]
+        chunk_bounds = offsets[
+            np.searchsorted(user_chunk, np.arange(int(user_chunk.max()) + 2), side="left").clip(max=n_users)
+        ]
         chunk_bounds[-1] = n_rows
 
         n_samples = _n_samples(enc.counts, protocol)

@@ -51,14 +51,14 @@ class CanonicalTables:
         """Whether ``interactions`` is a ``pl.LazyFrame`` (read when collected or streamed)."""
         return isinstance(self.interactions, pl.LazyFrame)
 
-    def collect(self) -> "CanonicalTables":
+    def collect(self) -> CanonicalTables:
         """Make ``interactions`` a DataFrame (reads a lazy reader's file); returns ``self``."""
         if self.lazy:
             self.interactions = self.interactions.collect()
             self._checked = None  # a lazy frame's rows were not checked: the next validate does
         return self
 
-    def drop_duplicates(self) -> "CanonicalTables":
+    def drop_duplicates(self) -> CanonicalTables:
         """Keep one interaction per ``(user, item, ts)``, the one with the strongest signal.
 
         Counts the dropped rows in ``duplicates_dropped`` and logs one warning when there are
@@ -72,8 +72,10 @@ class CanonicalTables:
         # fingerprints as rows proves every key distinct. Otherwise count keys exactly.
         fingerprint = pl.col("user").hash(1).xor(pl.col("item").hash(2)).xor(pl.col("ts").hash(3))
         rows, distinct = inter.lazy().select(pl.len(), fingerprint.n_unique()).collect().row(0)
-        keys = distinct if distinct == rows else (
-            inter.lazy().select(INTERACTION_KEY).unique().select(pl.len()).collect().item()
+        keys = (
+            distinct
+            if distinct == rows
+            else (inter.lazy().select(INTERACTION_KEY).unique().select(pl.len()).collect().item())
         )
         dropped = int(rows) - int(keys)
         if dropped:
@@ -86,11 +88,13 @@ class CanonicalTables:
             self.duplicates_dropped += dropped
             log.warning(
                 "%s: dropped %d duplicate interaction(s) (same user, item and timestamp) of %d rows",
-                self.name, dropped, rows,
+                self.name,
+                dropped,
+                rows,
             )
         return self
 
-    def validate(self) -> "CanonicalTables":
+    def validate(self) -> CanonicalTables:
         """Check columns, types, nulls and referential integrity; raise ``DataError``.
 
         A lazy ``interactions`` frame gets the checks that need no pass over it (columns,
@@ -98,7 +102,7 @@ class CanonicalTables:
         streams them, batch by batch. Tables already validated (and not replaced since) are
         not checked again.
         """
-        if self._checked is not None and all(a is b for a, b in zip(self._checked, self._fingerprint())):
+        if self._checked is not None and all(a is b for a, b in zip(self._checked, self._fingerprint(), strict=False)):
             return self
         _require_columns("interactions", self.interactions, ["user", "item", "ts", "signal"])
         _require_columns("items", self.items, ["item", "text", "category", "tags"])
@@ -131,7 +135,9 @@ class CanonicalTables:
                 raise DataError(f"{self.name}: interactions column '{col}' has {nulls} null/NaN values")
         for col in ("ts", "signal"):
             if inter[col].dtype.is_float() and inter[col].is_nan().any():
-                raise DataError(f"{self.name}: interactions column '{col}' has {int(inter[col].is_nan().sum())} NaN values")
+                raise DataError(
+                    f"{self.name}: interactions column '{col}' has {int(inter[col].is_nan().sum())} NaN values"
+                )
         if (inter["signal"] < 1).any():
             bad = inter.filter(pl.col("signal") < 1).head(1).row(0, named=True)
             raise DataError(f"{self.name}: interaction signal must be >= 1 (0 is padding); first bad row: {bad}")

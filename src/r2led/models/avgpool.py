@@ -26,7 +26,9 @@ class AvgPoolConfig(ModelConfig):
     name: Literal["avgpool"] = "avgpool"
 
 
-def pooled_behaviours(model: CtrModel, items: torch.Tensor, signal: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def pooled_behaviours(
+    model: CtrModel, items: torch.Tensor, signal: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """``sum_t weights[b, t] * behaviour_repr(items[b, t], signal[b, t])`` -> (B, d).
 
     ``behaviour_repr`` is item + signal embedding, so the sum splits into one bag over distinct
@@ -72,7 +74,7 @@ class AvgPool(CtrModel):
         return BucketIndex(state, lambda items: np.zeros((len(items), 1), np.int64), embed, 1, 1, self.cache_generation)
 
     def _score_request(self, state: UserState, index: BucketIndex, candidates: torch.Tensor) -> torch.Tensor:
-        
+
         target = self.item_repr(candidates)  # (C, d)
         count, sums = index.current(self.cache_generation)
         u = torch.from_numpy(sums[0, 0] / max(count[0, 0], 1)).float().expand(len(target), -1)  # (C, d)

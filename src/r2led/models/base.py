@@ -39,7 +39,9 @@ class CtrModel(CachingModule):
         self.users = UserEmbeddings(spec, d)
         self.signal = nn.Embedding(spec.signal_size, d, padding_idx=0)
         nn.init.normal_(self.signal.weight, std=0.05)
-        self._item_table = KeptValue(lambda: self._item_repr(torch.arange(spec.n_items + 1, device=self.signal.weight.device)))
+        self._item_table = KeptValue(
+            lambda: self._item_repr(torch.arange(spec.n_items + 1, device=self.signal.weight.device))
+        )
 
     @classmethod
     def wants_sid(cls, cfg: ModelConfig) -> bool:

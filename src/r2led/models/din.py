@@ -15,8 +15,8 @@ from pydantic import Field
 from r2led.config import ModelConfig
 from r2led.data.batches import Batch
 from r2led.models.base import CtrModel, short_window
-from r2led.models.user_state import UserState
 from r2led.models.layers import DinAttention
+from r2led.models.user_state import UserState
 
 
 class DinConfig(ModelConfig):
@@ -46,7 +46,6 @@ class DIN(CtrModel):
         interest = self.attention(target, behaviours, behaviours, mask)  # (B, d)
         return self.head(torch.cat([self.user_repr(batch), target, interest, target * interest], dim=-1))
 
-
     # ---- the request path -------------------------------------------------------------------
     def request_window(self, state: UserState) -> tuple[torch.Tensor, torch.Tensor]:
         return self.request_short(state, self.cfg.short_len)
@@ -57,7 +56,9 @@ class DIN(CtrModel):
         target = self.item_repr(candidates)  # (C, d)
         c = len(target)
         behaviours = self.behaviour_repr(items, signal).unsqueeze(0).expand(c, -1, -1)  # (C, n, d)
-        interest = self.attention(target, behaviours, behaviours, torch.ones(behaviours.shape[:2], dtype=torch.bool))  # (C, d)
+        interest = self.attention(
+            target, behaviours, behaviours, torch.ones(behaviours.shape[:2], dtype=torch.bool)
+        )  # (C, d)
         return self.head(torch.cat([self.request_user_repr(state, c), target, interest, target * interest], dim=-1))
 
 

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 
 from r2led.data.batches import Batch
-import numpy as np
-
 from r2led.models.layers import KeptValue
 from r2led.models.retrieval import recency_keys, topk_keys
 from r2led.models.sim import TwoStageConfig, TwoStageModel
@@ -33,7 +32,7 @@ class EtaConfig(TwoStageConfig):
     hash_bits: int = Field(64, ge=64, le=4096, description="SimHash signature bits m (multiple of 64)")
 
     @model_validator(mode="after")
-    def _hash_bits(self) -> "EtaConfig":
+    def _hash_bits(self) -> EtaConfig:
         if self.hash_bits % 64:
             raise ValueError(f"hash_bits must be a multiple of 64, got {self.hash_bits}")
         return self
@@ -46,7 +45,9 @@ class ETA(TwoStageModel):
         super().__init__(cfg, spec, sid)
         self.simhash = SimHash(cfg.dim, cfg.hash_bits)
         self._signatures = KeptValue(lambda: self.simhash.signatures(self.items.id.weight))
-        self._signature_words = KeptValue(lambda: np.ascontiguousarray(self.item_signatures().cpu().numpy()).view(np.uint64))
+        self._signature_words = KeptValue(
+            lambda: np.ascontiguousarray(self.item_signatures().cpu().numpy()).view(np.uint64)
+        )
 
     def item_signatures(self) -> torch.Tensor:
         """(N+1, words) signatures of every item's ID embedding (kept in eval mode)."""
@@ -66,5 +67,7 @@ class ETA(TwoStageModel):
 
     def request_search(self, state, index, candidates, target):
         words = self._signature_words()  # (N+1, W) uint64
-        out, n = index.routes(words[candidates.numpy()], words, self.cache_generation, None, self.cfg.k, 0, 1, False, state.start)
+        out, n = index.routes(
+            words[candidates.numpy()], words, self.cache_generation, None, self.cfg.k, 0, 1, False, state.start
+        )
         return torch.from_numpy(out[:, 0]), torch.arange(self.cfg.k) < torch.from_numpy(n[:, :1])

@@ -98,7 +98,9 @@ class ItemEmbeddings(nn.Module):
             if sid.n_items != spec.n_items:
                 raise ValueError(f"SID table covers {sid.n_items} items but the dataset has {spec.n_items}")
             self.levels = sid.levels
-            self.register_buffer("prefix_tokens", torch.as_tensor(sid.prefix_tokens, dtype=torch.long), persistent=False)
+            self.register_buffer(
+                "prefix_tokens", torch.as_tensor(sid.prefix_tokens, dtype=torch.long), persistent=False
+            )
             self.prefix = nn.ModuleList(nn.Embedding(v, dim, padding_idx=0) for v in sid.vocab_sizes)
         for emb in self.embeddings():
             nn.init.normal_(emb.weight, std=0.05)
@@ -182,7 +184,9 @@ class TargetAttention(nn.Module):
         k = self.k(keys).view(*lead, n, h, hd)  # (..., n, h, hd)
         return (q * k).sum(-1) / math.sqrt(hd)  # (..., n, h)
 
-    def forward(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         return self._pool(masked_softmax(self.scores(query, keys), mask.unsqueeze(-1), dim=-2), values)
 
     def forward_with_mass(self, query, keys, values, mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,7 +234,9 @@ class DinAttention(CachingModule):
         hidden = per_query + F.linear(keys, w_k - w_d) + F.linear(query.unsqueeze(-2) * keys, w_p)  # (..., n, h1)
         return self.unit[1:](hidden).squeeze(-1)
 
-    def forward(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         weights = masked_softmax(self.scores(query, keys), mask)  # (..., n)
         return (weights.unsqueeze(-1) * values).sum(-2)
 
@@ -287,7 +293,7 @@ class DinAttention(CachingModule):
             return (out, query.new_full((c, *lead), float("-inf"))) if mass else out
         first, *rest = self._serving(fresh=self.training or torch.is_grad_enabled())
         x = torch.bmm(keys.reshape(c, -1, d1), (query @ first).view(c, d1, -1))  # (C, S, h1 [+1])
-        for act, w in zip((m for m in self.unit if isinstance(m, nn.PReLU)), rest):
+        for act, w in zip((m for m in self.unit if isinstance(m, nn.PReLU)), rest, strict=False):
             x = act(x) @ w
         scores = x.view(mask.shape).masked_fill(~mask, float("-inf"))  # (C, ..., n)
         weights = torch.nan_to_num(torch.softmax(scores, -1), nan=0.0)  # as masked_softmax

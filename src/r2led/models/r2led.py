@@ -24,7 +24,14 @@ from torch.nn import functional as F
 from r2led.config import ModelConfig
 from r2led.data.batches import Batch
 from r2led.models.base import CtrModel, short_window, state_history
-from r2led.models.layers import DinAttention, KeptValue, TargetAttention, gather_behaviours, masked_softmax, per_unique_item
+from r2led.models.layers import (
+    DinAttention,
+    KeptValue,
+    TargetAttention,
+    gather_behaviours,
+    masked_softmax,
+    per_unique_item,
+)
 from r2led.models.retrieval import (
     batch_route_positions,
     disjoint_mixed_topk,
@@ -42,16 +49,20 @@ class R2ledConfig(ModelConfig):
     name: Literal["r2led"] = "r2led"
     k: int = Field(20, ge=1, le=100_000, description="behaviours retrieved per route")
     rho: float = Field(0.75, ge=0.0, le=1.0, description="mix ratio: share of a route's slots for SID-prefix matches")
-    routes: int | None = Field(None, ge=1, le=64, description="number of routes R (default: one per SID level); the finest R levels")
+    routes: int | None = Field(
+        None, ge=1, le=64, description="number of routes R (default: one per SID level); the finest R levels"
+    )
     hash_bits: int = Field(64, ge=64, le=4096, description="SimHash signature bits m (multiple of 64)")
     # on/off switches are booleans: YAML reads `--set model.gate=off` as false.
     gate: bool = Field(True, description="off: e~ = e + mean_l s_l")
     route_fusion: Literal["attention", "mean"] = Field("attention", description="mean: no cross-attention over routes")
     disjoint_routes: bool = Field(
-        True, description="routes never share a behaviour: the finest route chooses first, coarser ones take what is left"
+        True,
+        description="routes never share a behaviour: the finest route chooses first, coarser ones take what is left",
     )
     route_mass: bool = Field(
-        True, description="route fusion adds each route's attention mass (log-sum-exp of its encoder's scores) to its logit"
+        True,
+        description="route fusion adds each route's attention mass (log-sum-exp of its encoder's scores) to its logit",
     )
     sid_refine: bool = Field(True, description="off: SIDs in retrieval only; refinement sees ID embeddings (no gate)")
     sid: bool = Field(True, description="off: no SIDs anywhere (one collaborative route of R*k, ETA-like)")
@@ -60,7 +71,7 @@ class R2ledConfig(ModelConfig):
     )
 
     @model_validator(mode="after")
-    def _hash_bits(self) -> "R2ledConfig":
+    def _hash_bits(self) -> R2ledConfig:
         if self.hash_bits % 64:
             raise ValueError(f"hash_bits must be a multiple of 64, got {self.hash_bits}")
         return self
@@ -93,7 +104,9 @@ class RouteFusion(nn.Module):
             self.q, self.k, self.v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
         self.scale = dim**-0.5
 
-    def forward(self, target: torch.Tensor, routes: torch.Tensor, present: torch.Tensor, mass: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, target: torch.Tensor, routes: torch.Tensor, present: torch.Tensor, mass: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # target (B, d), routes (B, R, d), present (B, R) bool: the route retrieved something
         if self.mode == "mean":
             w = present.float()
@@ -107,6 +120,7 @@ class RouteFusion(nn.Module):
 
 class R2LED(CtrModel):
     config_class = R2ledConfig
+
     def __init__(self, cfg: R2ledConfig, spec, sid=None):
         super().__init__(cfg, spec, sid)
         d = cfg.dim
@@ -121,7 +135,9 @@ class R2LED(CtrModel):
         self.k = cfg.k if self.use_sid else cfg.k * (cfg.routes or 3)
         self.simhash = SimHash(d, cfg.hash_bits)
         if self.use_sid:  # (N+1, R): each item's prefix token at each route's level
-            self.register_buffer("route_tokens", self.items.prefix_tokens[:, self.route_levels].contiguous(), persistent=False)
+            self.register_buffer(
+                "route_tokens", self.items.prefix_tokens[:, self.route_levels].contiguous(), persistent=False
+            )
             rank, span = prefix_ranks(self.route_tokens)  # (N+1,), (N+1, R, 2): SID buckets as rank ranges
             self.register_buffer("route_rank", rank, persistent=False)
             self.register_buffer("route_span", span, persistent=False)
@@ -132,7 +148,9 @@ class R2LED(CtrModel):
         self.route_fusion = RouteFusion(d, cfg.route_fusion)
         self.head = self.make_head(4)
         self._signatures = KeptValue(lambda: self.simhash.signatures(self.items.id.weight))  # (N+1, W) int64
-        self._signature_words = KeptValue(lambda: np.ascontiguousarray(self.item_signatures().cpu().numpy()).view(np.uint64))
+        self._signature_words = KeptValue(
+            lambda: np.ascontiguousarray(self.item_signatures().cpu().numpy()).view(np.uint64)
+        )
         self._rank = KeptValue(lambda: self.route_rank.cpu().numpy() if self.use_sid else None)
         self._span = KeptValue(lambda: self.route_span.cpu().numpy() if self.use_sid else None)
         self._tables = KeptValue(self._serving_tables)
@@ -151,12 +169,16 @@ class R2LED(CtrModel):
         return self._signatures(fresh=self.training)
 
     @torch.no_grad()
-    def retrieve_routes(self, target: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def retrieve_routes(
+        self, target: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch path's retrieval: positions of each route's k behaviours (B, R, k) into
         each row's history ``hist`` (B, T), and whether a slot is filled."""
         return self._retrieve(target, hist, mask)
 
-    def _retrieve(self, target: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _retrieve(
+        self, target: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch path: score every behaviour of ``hist`` (B, T). Returns indices into T.
 
         On CPU the compiled kernel (``batch_route_positions``); elsewhere (a GPU) whole-batch
@@ -167,9 +189,13 @@ class R2LED(CtrModel):
         quota = route_quota(self.k, self.cfg.rho) if self.use_sid else 0
         tokens = self.route_tokens if self.use_sid else None
         disjoint = self.use_sid and self.cfg.disjoint_routes
-        return batch_route_positions(hist, mask, target, self.item_signatures(), tokens, self.k, quota, self.n_routes, disjoint)
+        return batch_route_positions(
+            hist, mask, target, self.item_signatures(), tokens, self.k, quota, self.n_routes, disjoint
+        )
 
-    def _retrieve_tensors(self, target: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _retrieve_tensors(
+        self, target: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``_retrieve`` in whole-batch tensor operations (any device)."""
         b, m = hist.shape
         sigs = self.item_signatures()
@@ -267,8 +293,12 @@ class R2LED(CtrModel):
         target = items.index_select(0, candidates)  # (C, d+1)
         hist, signal = state_history(state)  # (T,) views
         flat = index.view(-1)
-        r_kv = items.index_select(0, hist.index_select(0, flat)) + signals.index_select(0, signal.index_select(0, flat))  # (C R k, d+1)
-        routes, mass = self._serve_attention(self.route_attention, target, r_kv.view(*index.shape, -1), taken, self.cfg.route_mass)
+        r_kv = items.index_select(0, hist.index_select(0, flat)) + signals.index_select(
+            0, signal.index_select(0, flat)
+        )  # (C R k, d+1)
+        routes, mass = self._serve_attention(
+            self.route_attention, target, r_kv.view(*index.shape, -1), taken, self.cfg.route_mass
+        )
         s_items, s_signal = self.request_short(state, self.cfg.short_len)  # (n_s,)
         s_kv = items.index_select(0, s_items) + signals.index_select(0, s_signal)  # (n_s, d+1)
         rows = (len(target), *s_kv.shape)  # the short window: the same behaviours for every row

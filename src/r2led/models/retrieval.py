@@ -8,6 +8,7 @@ building a (B, T, d) float tensor: only the k winners' embeddings are gathered a
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import torch
 
@@ -89,7 +90,9 @@ def fill_routes(
     return torch.gather(index, -1, pick), torch.gather(taken, -1, pick)
 
 
-def disjoint_mixed_topk(keys: torch.Tensor, match: torch.Tensor, k: int, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
+def disjoint_mixed_topk(
+    keys: torch.Tensor, match: torch.Tensor, k: int, rho: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``mixed_topk`` with routes that never share a behaviour: the finest route chooses first,
     then each coarser route chooses among the behaviours the finer ones left. Same shapes.
 
@@ -135,7 +138,15 @@ def topk_scores(scores: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch
 
 
 def batch_route_positions(
-    hist: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, sigs: torch.Tensor, tokens: torch.Tensor | None, k: int, quota: int, routes: int, disjoint: bool
+    hist: torch.Tensor,
+    mask: torch.Tensor,
+    target: torch.Tensor,
+    sigs: torch.Tensor,
+    tokens: torch.Tensor | None,
+    k: int,
+    quota: int,
+    routes: int,
+    disjoint: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``mixed_topk`` (``disjoint_mixed_topk`` if ``disjoint``) for a batch whose rows have
     their own histories, compiled (``route_kernels.batch_routes``), on CPU: the same slots.
@@ -147,7 +158,11 @@ def batch_route_positions(
     from r2led.models import route_kernels
 
     b, t = hist.shape
-    tok = np.zeros((len(sigs), 0), np.int64) if tokens is None else np.ascontiguousarray(tokens.cpu().numpy().astype(np.int64, copy=False))
+    tok = (
+        np.zeros((len(sigs), 0), np.int64)
+        if tokens is None
+        else np.ascontiguousarray(tokens.cpu().numpy().astype(np.int64, copy=False))
+    )
     out, n = np.zeros((b, routes, k), np.int64), np.empty((b, routes), np.int64)
     args = [np.ascontiguousarray(x.cpu().numpy()) for x in (hist, mask, target)]
     sig = np.ascontiguousarray(sigs.cpu().numpy()).view(np.uint64)

@@ -167,7 +167,9 @@ def scan_similarities(target_sig, slot_sig, sim):
 
 
 @njit(cache=True)
-def _best_chained(sim, order, lo, hi, need, length, start, slot_last, prev, per_level, counted, heap_key, heap_slot, heap_pos, out):
+def _best_chained(
+    sim, order, lo, hi, need, length, start, slot_last, prev, per_level, counted, heap_key, heap_slot, heap_pos, out
+):
     """The ``need`` best-keyed behaviours of the items order[lo:hi] (key = sim * length +
     position, as ``retrieval.recency_keys``), best first, into ``out``; returns how many.
     ``order`` empty: the slots lo..hi-1 themselves (every item, in any order).
@@ -219,7 +221,9 @@ def _best_chained(sim, order, lo, hi, need, length, start, slot_last, prev, per_
 
 
 @njit(cache=True)
-def state_routes(target_sig, slot_sig, order, slot_last, prev, length, start, lo, hi, k, quota, disjoint, out, taken, scratch):
+def state_routes(
+    target_sig, slot_sig, order, slot_last, prev, length, start, lo, hi, k, quota, disjoint, out, taken, scratch
+):
     """Every candidate's routes against one user's history kept as chains (``chain_items``):
     positions (C, R, k) into the history (0 where not taken) into ``out`` (zeroed), and the
     number taken (C, R) into ``taken``, slots taken first.
@@ -250,12 +254,44 @@ def state_routes(target_sig, slot_sig, order, slot_last, prev, length, start, lo
     for c in range(c_n):
         used[:] = -1
         _similarity_levels(target_sig, c, slot_sig, levels, sim, per_level, slot_last, start)
-        n_g = _best_chained(sim, every, 0, u_n, n_best, length, start, slot_last, prev, per_level, True, heap_key, heap_slot, heap_pos, best)
+        n_g = _best_chained(
+            sim,
+            every,
+            0,
+            u_n,
+            n_best,
+            length,
+            start,
+            slot_last,
+            prev,
+            per_level,
+            True,
+            heap_key,
+            heap_slot,
+            heap_pos,
+            best,
+        )
         for r in range(routes - 1, -1, -1):
             n_m = 0
             if quota > 0 and lo[c, r] < hi[c, r]:
                 depth = quota + (routes - 1 - r) * k if disjoint else quota
-                n_m = _best_chained(sim, order, lo[c, r], hi[c, r], depth, length, start, slot_last, prev, per_level, False, heap_key, heap_slot, heap_pos, matched)
+                n_m = _best_chained(
+                    sim,
+                    order,
+                    lo[c, r],
+                    hi[c, r],
+                    depth,
+                    length,
+                    start,
+                    slot_last,
+                    prev,
+                    per_level,
+                    False,
+                    heap_key,
+                    heap_slot,
+                    heap_pos,
+                    matched,
+                )
             chosen[:] = -1
             taken[c, r] = _take_route_sets(matched, n_m, best, n_g, k, quota, disjoint, used, chosen, out[c, r])
 
@@ -394,7 +430,9 @@ def batch_routes(hist, mask, target, sigs, tokens, k, quota, routes, disjoint, o
             flags[t] = f
         cut = _cut(level_all, n_best)
         for r in range(routes):
-            cut_route[r] = _cut(level_route[r], quota + (routes - 1 - r) * k if disjoint else quota) if semantic else levels
+            cut_route[r] = (
+                _cut(level_route[r], quota + (routes - 1 - r) * k if disjoint else quota) if semantic else levels
+            )
             n_route[r] = 0
         n_cand = 0
         for t in range(t_n):  # pass 2: the behaviours that can make a list, keyed
@@ -420,7 +458,9 @@ def batch_routes(hist, mask, target, sigs, tokens, k, quota, routes, disjoint, o
                 n_m = _best_keys(route_cand[r], n_route[r], depth, matched)
                 for i in range(n_m):
                     matched[i] %= t_n
-            taken[b, r] = _take_route(b, b * routes + r, matched, n_m, best, n_g, k, quota, disjoint, used, chosen, out[b, r])
+            taken[b, r] = _take_route(
+                b, b * routes + r, matched, n_m, best, n_g, k, quota, disjoint, used, chosen, out[b, r]
+            )
 
 
 @njit(cache=True)

@@ -72,7 +72,9 @@ class TwoStageModel(CtrModel):
         return self.head(x)
 
     # ---- the request path -------------------------------------------------------------------
-    def request_search(self, state: UserState, index: RequestIndex | None, candidates: torch.Tensor, target: torch.Tensor):
+    def request_search(
+        self, state: UserState, index: RequestIndex | None, candidates: torch.Tensor, target: torch.Tensor
+    ):
         """``search`` from the user's kept index: positions (C, k) into the state's history and
         taken (C, k); None: this model has no request search (the batch path is used)."""
         return None
@@ -112,7 +114,9 @@ class SimHard(TwoStageModel):
         return ChainIndex(state.items, category, int(category.max(initial=0)) + 1)
 
     def request_search(self, state, index, candidates, target):
-        pos, n = index.most_recent(self.items.item_category[candidates].numpy(), self.cfg.k, state.start)  # (C, k), (C,)
+        pos, n = index.most_recent(
+            self.items.item_category[candidates].numpy(), self.cfg.k, state.start
+        )  # (C, k), (C,)
         return torch.from_numpy(pos), torch.arange(self.cfg.k) < torch.from_numpy(n).unsqueeze(1)
 
 
@@ -139,7 +143,9 @@ class SimSoft(TwoStageModel):
         r_h = self.retrieval(batch.hist_items)  # (B, T, d): soft search reads every behaviour
         return torch.einsum("btd,bd->bt", r_h, r_t), r_t, r_h
 
-    def auxiliary_logits(self, scores: torch.Tensor, r_t: torch.Tensor, r_h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def auxiliary_logits(
+        self, scores: torch.Tensor, r_t: torch.Tensor, r_h: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """SIM's auxiliary task: predict the click from the score-weighted history (B,)."""
         w = masked_softmax(scores, mask)  # (B, T)
         pooled = torch.einsum("bt,btd->bd", w, r_h)  # (B, d)
@@ -155,6 +161,7 @@ class SimSoft(TwoStageModel):
 
     def build_request_index(self, state: UserState) -> KeyIndex:
         """Every behaviour's retrieval embedding, kept (T, d)."""
+
         def keys(items: np.ndarray, signals: np.ndarray) -> np.ndarray:  # (n, d)
             with torch.no_grad():
                 return self.retrieval.weight[torch.from_numpy(np.asarray(items, dtype=np.int64))].numpy()

@@ -20,7 +20,7 @@ class DataSpec:
     n_tags: int
 
     @classmethod
-    def from_store(cls, store: LifelongStore) -> "DataSpec":
+    def from_store(cls, store: LifelongStore) -> DataSpec:
         m = store.manifest
         return cls(
             n_items=store.n_items,
@@ -44,7 +44,7 @@ class DataSpec:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DataSpec":
+    def from_dict(cls, d: dict) -> DataSpec:
         return cls(
             n_items=int(d["n_items"]),
             user_feature_sizes=list(d["user_feature_sizes"]),

@@ -69,8 +69,13 @@ class TWIN(TwoStageModel):
 
         def keys(items: np.ndarray, signals: np.ndarray) -> np.ndarray:  # (n, d)
             with torch.no_grad():
-                items, signals = torch.from_numpy(np.asarray(items, dtype=np.int64)), torch.from_numpy(np.asarray(signals, dtype=np.int64))
-                return (per_unique_item(lambda v: att.k(self._item_repr(v)), items) + att.k(self.signal.weight)[signals]).numpy()
+                items, signals = (
+                    torch.from_numpy(np.asarray(items, dtype=np.int64)),
+                    torch.from_numpy(np.asarray(signals, dtype=np.int64)),
+                )
+                return (
+                    per_unique_item(lambda v: att.k(self._item_repr(v)), items) + att.k(self.signal.weight)[signals]
+                ).numpy()
 
         return KeyIndex(state, keys, self.cache_generation)
 

@@ -112,14 +112,18 @@ class UserState:
     indexes rebuilt on their next use) once it is as long as the window: O(1) amortised.
     """
 
-    def __init__(self, items, signals, features, n_items: int, signal_size: int, n_features: int, max_length: int | None = None):
+    def __init__(
+        self, items, signals, features, n_items: int, signal_size: int, n_features: int, max_length: int | None = None
+    ):
         items, signals = np.asarray(items, dtype=np.int64).reshape(-1), np.asarray(signals, dtype=np.int64).reshape(-1)
         if len(items) != len(signals):
             raise RequestError(f"items and signals differ in length: {len(items)} items, {len(signals)} signals")
         self.n_items, self.signal_size = int(n_items), int(signal_size)
         _check_items(items, self.n_items, "history item")
         _check_signals(signals, self.signal_size)
-        features = np.zeros(n_features, np.int64) if features is None else np.asarray(features, dtype=np.int64).reshape(-1)
+        features = (
+            np.zeros(n_features, np.int64) if features is None else np.asarray(features, dtype=np.int64).reshape(-1)
+        )
         if len(features) != n_features:
             raise RequestError(f"features: expected {n_features} feature codes, got {len(features)}")
         if max_length is not None and max_length < 1:
@@ -180,7 +184,9 @@ class UserState:
 
     def extend(self, items, signals) -> None:
         """``append`` each behaviour in order."""
-        for item, signal in zip(np.asarray(items).reshape(-1).tolist(), np.asarray(signals).reshape(-1).tolist(), strict=True):
+        for item, signal in zip(
+            np.asarray(items).reshape(-1).tolist(), np.asarray(signals).reshape(-1).tolist(), strict=True
+        ):
             self.append(item, signal)
 
     def profile(self) -> np.ndarray:
@@ -267,7 +273,10 @@ class SignatureIndex(RequestIndex):
             self.slot_last.append(-1)
             if self.rank is not None:
                 at = int(np.searchsorted(self.order_rank, self.rank[item], side="right"))
-                self.order, self.order_rank = np.insert(self.order, at, s), np.insert(self.order_rank, at, self.rank[item])
+                self.order, self.order_rank = (
+                    np.insert(self.order, at, s),
+                    np.insert(self.order_rank, at, self.rank[item]),
+                )
             else:
                 self.order = np.append(self.order, s)
         self.prev.append(self.slot_last.data[s])
@@ -282,7 +291,18 @@ class SignatureIndex(RequestIndex):
             self.slot_sig.append(table[items[s]])
         return self.slot_sig.view()
 
-    def routes(self, target_sig: np.ndarray, table: np.ndarray, generation: int, span, k: int, quota: int, n_routes: int, disjoint: bool, start: int = 0):
+    def routes(
+        self,
+        target_sig: np.ndarray,
+        table: np.ndarray,
+        generation: int,
+        span,
+        k: int,
+        quota: int,
+        n_routes: int,
+        disjoint: bool,
+        start: int = 0,
+    ):
         """Positions (C, R, k) into the window from ``start`` and the number taken (C, R)
         (``route_kernels.state_routes``).
 
@@ -338,7 +358,9 @@ class ChainIndex(RequestIndex):
         from r2led.models import route_kernels
 
         out, n = np.zeros((len(keys), k), np.int64), np.empty(len(keys), np.int64)
-        route_kernels.walk_chains(self.last_of, self.prev.view(), np.ascontiguousarray(keys, dtype=np.int64), k, start, out, n)
+        route_kernels.walk_chains(
+            self.last_of, self.prev.view(), np.ascontiguousarray(keys, dtype=np.int64), k, start, out, n
+        )
         return out, n
 
     def nbytes(self) -> int:
@@ -423,7 +445,9 @@ class BucketIndex(RequestIndex):
         return self.count.nbytes + self.sums.nbytes
 
 
-def topk_rows(keys: torch.Tensor, query: torch.Tensor, k: int, scale: float = 1.0, chunk: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_rows(
+    keys: torch.Tensor, query: torch.Tensor, k: int, scale: float = 1.0, chunk: int = 1 << 16
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query row, the ``k`` behaviours with the largest ``keys @ query * scale``: positions
     (C, k) and taken (C, k), over chunks of ``chunk`` behaviours (no (C, T) score matrix).
     keys (T, d), query (C, d)."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -92,7 +92,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, force: bool = False, al
         "r2led": __version__,
         "torch": torch.__version__,
         "t_max": cfg.train.t_max,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "source_run": str(run_dir.resolve()),
         "source_data": str(store.root.resolve()),
         "fingerprints": run_fingerprints(run_dir),

@@ -36,7 +36,9 @@ def read_manifest(path: str | Path) -> dict:
         raise BundleError(f"{path} is incomplete: {MANIFEST} is missing")
     manifest = _read_json(path / MANIFEST)
     if manifest.get("format") != BUNDLE_FORMAT or not isinstance(manifest.get("files"), dict):
-        raise BundleError(f"{path} is a format {manifest.get('format')} export without file hashes; export the run again with this r2led")
+        raise BundleError(
+            f"{path} is a format {manifest.get('format')} export without file hashes; export the run again with this r2led"
+        )
     return manifest
 
 
@@ -50,13 +52,14 @@ def verify_files(path: Path, manifest: dict) -> None:
         if not file.is_file():
             raise BundleError(f"{path} is incomplete: {name} is missing")
         if sha256_file(file) != expected:
-            raise BundleError(f"{file} does not match its sha256 in {MANIFEST} (changed or damaged after export); export the run again")
+            raise BundleError(
+                f"{file} does not match its sha256 in {MANIFEST} (changed or damaged after export); export the run again"
+            )
 
 
 def load_bundle(path: str | Path) -> ScoringModel:
     """Rebuild an exported model (no store needed), after checking every file's hash."""
     from r2led.models.registry import build_model, model_class
-    from r2led.models.spec import DataSpec
     from r2led.sid.table import SidTable
 
     path = Path(path)
@@ -83,13 +86,19 @@ def load_bundle(path: str | Path) -> ScoringModel:
     items = _read_parquet(path / "items.parquet", ["item", "key"]).sort("item")
     users = _read_parquet(path / "users.parquet", ["user", "key", *feature_names]).sort("user")
     if not np.array_equal(items["item"].to_numpy(), np.arange(1, spec.n_items + 1)):
-        raise BundleError(f"{path / 'items.parquet'}: expected item ids 1..{spec.n_items} (spec.json), got {items.height} rows")
+        raise BundleError(
+            f"{path / 'items.parquet'}: expected item ids 1..{spec.n_items} (spec.json), got {items.height} rows"
+        )
     vocab = _read_json(path / "vocab.json")
     try:
         feature_vocab = {name: list(vocab["user_features"][name]) for name in feature_names}
     except (KeyError, TypeError) as exc:
         raise BundleError(f"{path / 'vocab.json'}: no vocabulary for user feature {exc}") from exc
-    user_features = users.select(feature_names).to_numpy().astype(np.int64) if feature_names else np.zeros((users.height, 0), np.int64)
+    user_features = (
+        users.select(feature_names).to_numpy().astype(np.int64)
+        if feature_names
+        else np.zeros((users.height, 0), np.int64)
+    )
     scoring = ScoringModel(
         model,
         item_keys=items["key"].cast(str).to_list(),

@@ -19,8 +19,13 @@ OPEN_PATHS = frozenset({"/health"})
 
 async def _reply(send, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
     body = orjson.dumps({"detail": detail})
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -36,8 +41,12 @@ class Guards:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         if self.api_keys is not None and scope["path"] not in OPEN_PATHS and not self._authorised(headers):
-            return await _reply(send, 401, "missing or unknown API key: send it in the X-API-Key header",
-                                [(b"www-authenticate", b'APIKey header="X-API-Key"')])
+            return await _reply(
+                send,
+                401,
+                "missing or unknown API key: send it in the X-API-Key header",
+                [(b"www-authenticate", b'APIKey header="X-API-Key"')],
+            )
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             return await _reply(send, 413, f"request body is larger than the limit of {self.max_body_bytes:,} bytes")
@@ -51,7 +60,9 @@ class Guards:
                 chunks.append(message.get("body", b""))
                 size += len(chunks[-1])
                 if size > self.max_body_bytes:
-                    return await _reply(send, 413, f"request body is larger than the limit of {self.max_body_bytes:,} bytes")
+                    return await _reply(
+                        send, 413, f"request body is larger than the limit of {self.max_body_bytes:,} bytes"
+                    )
                 more = message.get("more_body", False)
             body = b"".join(chunks)
             sent = False

@@ -49,7 +49,9 @@ class HistoryStore(Protocol):
     def append(self, user: str, items: list[str], signals: list[int]) -> tuple[int, int]:
         """Add events as the most recent (dropping the oldest past t_max); returns (seq, length)."""
 
-    def replace(self, user: str, items: list[str], signals: list[int], features: dict[str, str] | None) -> tuple[int, int]:
+    def replace(
+        self, user: str, items: list[str], signals: list[int], features: dict[str, str] | None
+    ) -> tuple[int, int]:
         """Set the user's history (and, when given, merge its feature values); returns (seq, length)."""
 
     def replace_many(self, records: dict[str, tuple[list[str], list[int]]]) -> int:

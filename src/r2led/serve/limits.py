@@ -39,5 +39,7 @@ def read_api_keys(path: str | Path) -> frozenset[str]:
         raise ConfigError(f"the API key file {path} holds no key (one key a line)")
     short = [k for k in keys if len(k) < 16]
     if short:
-        raise ConfigError(f"the API key file {path} holds a key of {len(short[0])} characters; use at least 16 (e.g. `openssl rand -hex 24`)")
+        raise ConfigError(
+            f"the API key file {path} holds a key of {len(short[0])} characters; use at least 16 (e.g. `openssl rand -hex 24`)"
+        )
     return keys

@@ -47,7 +47,9 @@ class ScoringModel:
         self._table_features = np.asarray(user_features, dtype=np.int64).reshape(len(self._user_row), -1)  # (U, F)
         self.feature_names = list(feature_vocab)
         self.feature_values = {n: [str(v) for v in vals] for n, vals in feature_vocab.items()}
-        self._feature_codes = {n: {v: c for c, v in enumerate(vals, start=1)} for n, vals in self.feature_values.items()}
+        self._feature_codes = {
+            n: {v: c for c, v in enumerate(vals, start=1)} for n, vals in self.feature_values.items()
+        }
         # torch modules are not re-entrant under concurrent forward passes that fill caches
         self._model_lock = threading.Lock()
 
@@ -94,7 +96,9 @@ class ScoringModel:
         (they are scored as code 0, "unknown")."""
         for name in features:
             if name not in self._feature_codes:
-                raise ScoringInputError(f"unknown user feature {clip(name)}; known: {', '.join(self.feature_names) or 'none'}")
+                raise ScoringInputError(
+                    f"unknown user feature {clip(name)}; known: {', '.join(self.feature_names) or 'none'}"
+                )
         return {name: str(value) for name, value in features.items()}
 
     def unknown_features(self, features: Mapping[str, str]) -> dict[str, str]:
@@ -104,7 +108,9 @@ class ScoringModel:
     def feature_codes(self, user_key: str, features: Mapping[str, str]) -> np.ndarray:
         """(F,) the user's feature codes: the exported table's row, with ``features`` over it."""
         row = self._user_row.get(user_key)
-        codes = self._table_features[row].copy() if row is not None else np.zeros(len(self.feature_names), dtype=np.int64)
+        codes = (
+            self._table_features[row].copy() if row is not None else np.zeros(len(self.feature_names), dtype=np.int64)
+        )
         for name, value in features.items():
             if name in self._feature_codes:
                 codes[self.feature_names.index(name)] = self._feature_codes[name].get(value, 0)
@@ -112,7 +118,12 @@ class ScoringModel:
 
     # ---- the model call ---------------------------------------------------------------------
     def score(
-        self, user_row: int, feats: np.ndarray, items: np.ndarray, signals: np.ndarray, target: np.ndarray,
+        self,
+        user_row: int,
+        feats: np.ndarray,
+        items: np.ndarray,
+        signals: np.ndarray,
+        target: np.ndarray,
         kept: dict | None = None,
     ) -> np.ndarray:
         """Click probabilities (C,) float64 of ``target`` (C,) item ids for one user: table row

@@ -42,12 +42,21 @@ class Scored:
 class ScoringService:
     """Histories, users and scoring for one exported model (see the module docstring)."""
 
-    def __init__(self, scoring: ScoringModel, store: HistoryStore, max_candidates: int = DEFAULT_MAX_CANDIDATES,
-                 max_users_in_memory: int = DEFAULT_MAX_USERS_IN_MEMORY):
+    def __init__(
+        self,
+        scoring: ScoringModel,
+        store: HistoryStore,
+        max_candidates: int = DEFAULT_MAX_CANDIDATES,
+        max_users_in_memory: int = DEFAULT_MAX_USERS_IN_MEMORY,
+    ):
         if max_candidates < 1 or max_users_in_memory < 1:
-            raise ScoringInputError(f"max_candidates and max_users_in_memory must be >= 1, got {max_candidates} and {max_users_in_memory}")
+            raise ScoringInputError(
+                f"max_candidates and max_users_in_memory must be >= 1, got {max_candidates} and {max_users_in_memory}"
+            )
         if store.t_max != scoring.t_max:
-            raise ScoringInputError(f"the history store keeps {store.t_max} behaviours per user but the model's t_max is {scoring.t_max}")
+            raise ScoringInputError(
+                f"the history store keeps {store.t_max} behaviours per user but the model's t_max is {scoring.t_max}"
+            )
         self.scoring, self.store = scoring, store
         self.max_candidates = int(max_candidates)
         self.users = UserHistories(store, scoring, max_users_in_memory)
@@ -60,7 +69,9 @@ class ScoringService:
         return self.scoring.in_user_table(user) or self.store.seq(user) is not None
 
     # ---- histories --------------------------------------------------------------------------
-    def set_history(self, user: str, items: Sequence[str], signals: Sequence[int], features: Mapping[str, object] | None = None) -> dict:
+    def set_history(
+        self, user: str, items: Sequence[str], signals: Sequence[int], features: Mapping[str, object] | None = None
+    ) -> dict:
         """Replace the user's history (oldest first) and optionally set some of its features.
 
         A history longer than ``t_max`` keeps its most recent ``t_max``; the returned dict says
@@ -83,7 +94,9 @@ class ScoringService:
         """Add behaviours as the user's most recent (the oldest beyond ``t_max`` are dropped);
         atomic: concurrent appends to one user are all kept."""
         if len(items) != len(signals) or not items:
-            raise ScoringInputError(f"an append needs one signal per item and at least one item: {len(items)} items, {len(signals)} signals")
+            raise ScoringInputError(
+                f"an append needs one signal per item and at least one item: {len(items)} items, {len(signals)} signals"
+            )
         items = [str(k) for k in items]
         ids, sig = self.scoring.item_ids(items), self.scoring.signals(signals)
         _, length = self.users.append(user, items, ids, sig)
@@ -106,16 +119,23 @@ class ScoringService:
         keys = store.items.sort("item")["key"].cast(str).to_list()
         unknown = np.flatnonzero(self.scoring.lookup_items(keys) == 0)
         if len(unknown):
-            raise DataError(f"{store.root}: item key {keys[unknown[0]]!r} is not in the exported model ({len(unknown)} unknown items)")
+            raise DataError(
+                f"{store.root}: item key {keys[unknown[0]]!r} is not in the exported model ({len(unknown)} unknown items)"
+            )
         if int(store.manifest["signal_max"]) > self.scoring.signal_max:
-            raise DataError(f"{store.root}: signals up to {store.manifest['signal_max']} but the model takes 1..{self.scoring.signal_max}")
+            raise DataError(
+                f"{store.root}: signals up to {store.manifest['signal_max']} but the model takes 1..{self.scoring.signal_max}"
+            )
         offsets = np.asarray(store.offsets)
         records = {}
         for u, key in enumerate(store.users.sort("user")["key"].cast(str).to_list()):
             end = int(offsets[u + 1])
             start = max(int(offsets[u]), end - self.t_max)
             if end > start:
-                records[key] = ([keys[i - 1] for i in store.seq_items[start:end].tolist()], store.seq_signal[start:end].astype(int).tolist())
+                records[key] = (
+                    [keys[i - 1] for i in store.seq_items[start:end].tolist()],
+                    store.seq_signal[start:end].astype(int).tolist(),
+                )
         return self.store.replace_many(records)
 
     # ---- scoring ------------------------------------------------------------------------------
@@ -125,7 +145,9 @@ class ScoringService:
         if n == 0:
             raise ScoringInputError("candidates is empty: give at least one item key")
         if n > self.max_candidates:
-            raise ScoringInputError(f"{n} candidates exceed the limit of {self.max_candidates} per request; split the request")
+            raise ScoringInputError(
+                f"{n} candidates exceed the limit of {self.max_candidates} per request; split the request"
+            )
         target = self.scoring.item_ids([str(k) for k in candidates])  # (C,)
         state = self.users.state(user)
         kept = None

@@ -52,8 +52,12 @@ def build_app(cfg: ServeConfig):
     if getattr(store, "durable", True) is False:
         logging.getLogger("r2led.serve").warning(
             "the Redis server at %s does not fsync every write (appendonly yes, appendfsync always): "
-            "an acknowledged append can be lost if Redis itself crashes", cfg.store)
-    service = ScoringService(scoring, store, max_candidates=limits.max_candidates, max_users_in_memory=cfg.max_users_in_memory)
+            "an acknowledged append can be lost if Redis itself crashes",
+            cfg.store,
+        )
+    service = ScoringService(
+        scoring, store, max_candidates=limits.max_candidates, max_users_in_memory=cfg.max_users_in_memory
+    )
     app = create_app(service, limits, keys)
     gc.collect()
     gc.freeze()  # what loading made lives as long as the process: keep it out of every later collection
@@ -97,4 +101,6 @@ def run(cfg: ServeConfig, host: str, port: int, workers: int) -> None:
         verify_files(Path(cfg.bundle), manifest)
         open_store(cfg.store, int(manifest["t_max"])).close()
         os.environ[ENV] = cfg.model_dump_json()
-        uvicorn.run("r2led.serve.server:app_from_env", factory=True, host=host, port=port, workers=workers, log_level="warning")
+        uvicorn.run(
+            "r2led.serve.server:app_from_env", factory=True, host=host, port=port, workers=workers, log_level="warning"
+        )

@@ -19,7 +19,6 @@ model's wall and CPU time for the request (the load test splits the server's CPU
 Routes are plain functions: FastAPI runs them in its thread pool; the service is thread-safe.
 """
 
-
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,8 +29,8 @@ from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, create_model
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from r2led import __version__
 from r2led.serve.errors import ECHO_CHARS, ScoringInputError, UnknownItemError, UnknownUserError, clip
@@ -84,7 +83,11 @@ def _models(service: ScoringService, limits: Limits):
     key_len = limits.max_key_length
     ItemKey = Annotated[StrictStr, Field(min_length=1, max_length=key_len)] | JsonInt
     UserKey = Annotated[StrictStr, Field(min_length=1, max_length=key_len)]
-    Signal = Annotated[int, Field(ge=1, le=scoring.signal_max, description=f"behaviour signal (e.g. a rating), 1..{scoring.signal_max}"), BeforeValidator(_json_integer)]
+    Signal = Annotated[
+        int,
+        Field(ge=1, le=scoring.signal_max, description=f"behaviour signal (e.g. a rating), 1..{scoring.signal_max}"),
+        BeforeValidator(_json_integer),
+    ]
     FeatureValue = Annotated[StrictStr, Field(max_length=key_len)] | JsonInt
 
     class Event(BaseModel):
@@ -93,7 +96,10 @@ def _models(service: ScoringService, limits: Limits):
         signal: Signal
 
     features = {
-        name: (FeatureValue, Field(None, description=f"known values: {', '.join(vals[:10])}{' ...' if len(vals) > 10 else ''}"))
+        name: (
+            FeatureValue,
+            Field(None, description=f"known values: {', '.join(vals[:10])}{' ...' if len(vals) > 10 else ''}"),
+        )
         for name, vals in scoring.feature_values.items()
     }
     Features = create_model("Features", __config__=ConfigDict(extra="forbid"), **features)
@@ -105,17 +111,28 @@ def _models(service: ScoringService, limits: Limits):
 
     class HistoryBody(BaseModel):
         model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"events": example_events}]})
-        events: list[Event] = Field(max_length=service.t_max, description=f"the whole history, oldest first, at most t_max = {service.t_max}")
-        features: Features = Field(None, description="user feature values by name (others unchanged); a value outside the vocabulary is scored as unknown")
+        events: list[Event] = Field(
+            max_length=service.t_max, description=f"the whole history, oldest first, at most t_max = {service.t_max}"
+        )
+        features: Features = Field(
+            None,
+            description="user feature values by name (others unchanged); a value outside the vocabulary is scored as unknown",
+        )
 
     class EventsBody(BaseModel):
         model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"events": example_events[:1]}]})
-        events: list[Event] = Field(min_length=1, max_length=limits.max_events, description="events to append, oldest first")
+        events: list[Event] = Field(
+            min_length=1, max_length=limits.max_events, description="events to append, oldest first"
+        )
 
     class ScoreBody(BaseModel):
-        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"user": example_user, "candidates": items}]})
+        model_config = ConfigDict(
+            extra="forbid", json_schema_extra={"examples": [{"user": example_user, "candidates": items}]}
+        )
         user: UserKey
-        candidates: list[ItemKey] = Field(min_length=1, max_length=limits.max_candidates, description="item keys to score")
+        candidates: list[ItemKey] = Field(
+            min_length=1, max_length=limits.max_candidates, description="item keys to score"
+        )
 
     return Event, HistoryBody, EventsBody, ScoreBody, UserKey
 
@@ -135,7 +152,9 @@ class HistorySet(BaseModel):
     user: str
     length: int = Field(description="behaviours kept (the most recent t_max)")
     dropped: int = Field(description="oldest behaviours beyond t_max that were not kept")
-    unknown_features: dict[str, str] = Field(None, description="feature values outside the vocabulary (scored as unknown); absent when none")
+    unknown_features: dict[str, str] = Field(
+        None, description="feature values outside the vocabulary (scored as unknown); absent when none"
+    )
 
 
 class Appended(BaseModel):
@@ -204,10 +223,16 @@ def create_app(service: ScoringService, limits: Limits | None = None, api_keys: 
             err = next((e for e in errs if not e["type"].endswith("_type") and e["type"] != "value_error"), None)
             if err is None:  # only type errors: one per branch of the union, or a single one
                 err = errs[0]
-                msg = err["msg"].removeprefix("Value error, ") if len(errs) == 1 else "Input should be a string or an integer"
+                msg = (
+                    err["msg"].removeprefix("Value error, ")
+                    if len(errs) == 1
+                    else "Input should be a string or an integer"
+                )
             else:
                 msg = err["msg"]
-            got = f" (got {clip(err['input'])})" if "input" in err and not isinstance(err["input"], (dict, list)) else ""
+            got = (
+                f" (got {clip(err['input'])})" if "input" in err and not isinstance(err["input"], (dict, list)) else ""
+            )
             problems.append(f"{where}: {msg}{got}")
         more = f"; and {len(groups) - 3} more" if len(groups) > 3 else ""
         return OrjsonResponse({"detail": "; ".join(problems) + more}, status_code=422)
@@ -233,18 +258,39 @@ def create_app(service: ScoringService, limits: Limits | None = None, api_keys: 
             "r2led": __version__,
         }
 
-    @app.get("/users/{user}/history", response_model=HistoryView, operation_id="get_history", responses=_errors(keyed, 401, 404, 422))
+    @app.get(
+        "/users/{user}/history",
+        response_model=HistoryView,
+        operation_id="get_history",
+        responses=_errors(keyed, 401, 404, 422),
+    )
     def get_history(user: UserPath):
         items, signals = service.history(user)
-        return OrjsonResponse({"user": user, "length": len(items), "events": [{"item": i, "signal": s} for i, s in zip(items, signals)]})
+        return OrjsonResponse(
+            {
+                "user": user,
+                "length": len(items),
+                "events": [{"item": i, "signal": s} for i, s in zip(items, signals, strict=False)],
+            }
+        )
 
-    @app.put("/users/{user}/history", response_model=HistorySet, operation_id="put_history", responses=_errors(keyed, 400, 401, 404, 413, 422))
+    @app.put(
+        "/users/{user}/history",
+        response_model=HistorySet,
+        operation_id="put_history",
+        responses=_errors(keyed, 400, 401, 404, 413, 422),
+    )
     def put_history(user: UserPath, body: HistoryBody):
         features = body.features.model_dump(exclude_none=True) if body.features is not None else None
         out = service.set_history(user, [str(e.item) for e in body.events], [e.signal for e in body.events], features)
         return OrjsonResponse(out)
 
-    @app.post("/users/{user}/events", response_model=Appended, operation_id="append_events", responses=_errors(keyed, 400, 401, 404, 413, 422))
+    @app.post(
+        "/users/{user}/events",
+        response_model=Appended,
+        operation_id="append_events",
+        responses=_errors(keyed, 400, 401, 404, 413, 422),
+    )
     def append_events(user: UserPath, body: EventsBody):
         return OrjsonResponse(service.append(user, [str(e.item) for e in body.events], [e.signal for e in body.events]))
 
@@ -253,10 +299,17 @@ def create_app(service: ScoringService, limits: Limits | None = None, api_keys: 
         # one scoring thread, fed in arrival order: the model runs one request at a time anyway
         # (ScoringModel holds a lock), and one thread keeps the event loop free without 40 pool
         # threads contending for the GIL and the lock
-        scored = await asyncio.get_running_loop().run_in_executor(scorer, service.score, body.user, [str(k) for k in body.candidates])
+        scored = await asyncio.get_running_loop().run_in_executor(
+            scorer, service.score, body.user, [str(k) for k in body.candidates]
+        )
         wall, cpu = scored.model_wall_s * 1000, scored.model_cpu_s * 1000
         return OrjsonResponse(
-            {"user": body.user, "scores": scored.scores, "history_length": scored.history_length, "latency_ms": round(wall, 3)},
+            {
+                "user": body.user,
+                "scores": scored.scores,
+                "history_length": scored.history_length,
+                "latency_ms": round(wall, 3),
+            },
             headers={"server-timing": f"model;dur={wall:.3f}, model-cpu;dur={cpu:.3f}"},
         )
 
@@ -266,8 +319,11 @@ def create_app(service: ScoringService, limits: Limits | None = None, api_keys: 
 
 def _where(loc) -> str:
     """``body.candidates.0`` from pydantic's location, without its union-branch tags."""
-    parts = (str(p) if isinstance(p, int) else p if len(p) <= ECHO_CHARS else f"{p[:ECHO_CHARS]}..." for p in loc
-             if isinstance(p, int) or not any(c in p for c in "[(-") and p not in ("str", "int"))
+    parts = (
+        str(p) if isinstance(p, int) else p if len(p) <= ECHO_CHARS else f"{p[:ECHO_CHARS]}..."
+        for p in loc
+        if isinstance(p, int) or not any(c in p for c in "[(-") and p not in ("str", "int")
+    )
     return ".".join(parts)  # a part can be a client's field name: clipped like any echoed value
 
 
@@ -282,7 +338,11 @@ def _allowed_methods(app: FastAPI, scope) -> set[str]:
 
 
 LINKS = {
-    "ScoreThisUser": {"operationId": "score", "requestBody": {"user": "$request.path.user"}, "description": "score candidates for this user"},
+    "ScoreThisUser": {
+        "operationId": "score",
+        "requestBody": {"user": "$request.path.user"},
+        "description": "score candidates for this user",
+    },
     "AppendToThisUser": {"operationId": "append_events", "parameters": {"path.user": "$request.path.user"}},
     "ReadThisHistory": {"operationId": "get_history", "parameters": {"path.user": "$request.path.user"}},
 }
@@ -291,13 +351,21 @@ LINKS = {
 def _openapi(app: FastAPI, keyed: bool) -> dict:
     """FastAPI's schema plus the API key scheme and the links between routes."""
     if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, routes=app.routes, description=__doc__.split("\n\n")[0])
+        schema = get_openapi(
+            title=app.title, version=app.version, routes=app.routes, description=__doc__.split("\n\n")[0]
+        )
         paths = schema["paths"]
         for name in ("put_history", "append_events"):
-            path, method = ("/users/{user}/history", "put") if name == "put_history" else ("/users/{user}/events", "post")
-            paths[path][method]["responses"]["200"]["links"] = {k: v for k, v in LINKS.items() if v["operationId"] != name}
+            path, method = (
+                ("/users/{user}/history", "put") if name == "put_history" else ("/users/{user}/events", "post")
+            )
+            paths[path][method]["responses"]["200"]["links"] = {
+                k: v for k, v in LINKS.items() if v["operationId"] != name
+            }
         if keyed:
-            schema.setdefault("components", {})["securitySchemes"] = {"ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+            }
             for path, ops in paths.items():
                 if path not in OPEN_PATHS:
                     for op in ops.values():

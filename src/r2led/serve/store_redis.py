@@ -53,14 +53,16 @@ class RedisHistoryStore:
 
     def append(self, user: str, items: list[str], signals: list[int]) -> tuple[int, int]:
         pipe = self._r.pipeline(transaction=True)
-        pipe.rpush(PREFIX + "h:" + user, *[f"{s}|{it}" for it, s in zip(items, signals)])
+        pipe.rpush(PREFIX + "h:" + user, *[f"{s}|{it}" for it, s in zip(items, signals, strict=False)])
         pipe.ltrim(PREFIX + "h:" + user, -self.t_max, -1)
         pipe.incrby(PREFIX + "s:" + user, len(items))
         pipe.sadd(PREFIX + "users", user)
         length, _, seq, _ = pipe.execute()
         return int(seq), min(int(length), self.t_max)
 
-    def replace(self, user: str, items: list[str], signals: list[int], features: dict[str, str] | None) -> tuple[int, int]:
+    def replace(
+        self, user: str, items: list[str], signals: list[int], features: dict[str, str] | None
+    ) -> tuple[int, int]:
         items, signals = items[-self.t_max :], signals[-self.t_max :]
         key = PREFIX + "f:" + user
         with self._r.pipeline(transaction=True) as pipe:
@@ -97,7 +99,7 @@ class RedisHistoryStore:
     def _queue_replace(pipe, user: str, items: list[str], signals: list[int]) -> None:
         pipe.delete(PREFIX + "h:" + user)
         if items:
-            pipe.rpush(PREFIX + "h:" + user, *[f"{s}|{it}" for it, s in zip(items, signals)])
+            pipe.rpush(PREFIX + "h:" + user, *[f"{s}|{it}" for it, s in zip(items, signals, strict=False)])
         pipe.sadd(PREFIX + "users", user)
         pipe.incr(PREFIX + "s:" + user)
 

@@ -35,7 +35,9 @@ class SqliteHistoryStore:
     def __init__(self, path: str | Path, t_max: int):
         self.path, self.t_max = Path(path), int(t_max)
         if self.path.is_dir():
-            raise HistoryStoreError(f"--store {self.path} is a folder; give a file path for the SQLite history store (e.g. {self.path}/histories.db)")
+            raise HistoryStoreError(
+                f"--store {self.path} is a folder; give a file path for the SQLite history store (e.g. {self.path}/histories.db)"
+            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
@@ -68,7 +70,11 @@ class SqliteHistoryStore:
         db.execute("BEGIN")  # one snapshot for both reads
         try:
             head = db.execute("SELECT seq, features FROM users WHERE user = ?", (user,)).fetchone()
-            rows = db.execute("SELECT item, signal FROM events WHERE user = ? ORDER BY pos", (user,)).fetchall() if head else []
+            rows = (
+                db.execute("SELECT item, signal FROM events WHERE user = ? ORDER BY pos", (user,)).fetchall()
+                if head
+                else []
+            )
         finally:
             db.execute("COMMIT")
         if head is None:
@@ -80,22 +86,32 @@ class SqliteHistoryStore:
             head = db.execute("SELECT seq FROM users WHERE user = ?", (user,)).fetchone()
             last = db.execute("SELECT MAX(pos) FROM events WHERE user = ?", (user,)).fetchone()[0]
             start = -1 if last is None else int(last)
-            db.executemany("INSERT INTO events VALUES (?, ?, ?, ?)", [(user, start + 1 + i, it, s) for i, (it, s) in enumerate(zip(items, signals))])
+            db.executemany(
+                "INSERT INTO events VALUES (?, ?, ?, ?)",
+                [(user, start + 1 + i, it, s) for i, (it, s) in enumerate(zip(items, signals, strict=False))],
+            )
             end = start + len(items)
             db.execute("DELETE FROM events WHERE user = ? AND pos <= ?", (user, end - self.t_max))
             seq = (int(head[0]) if head else 0) + len(items)
-            db.execute("INSERT INTO users VALUES (?, ?, '{}') ON CONFLICT(user) DO UPDATE SET seq = excluded.seq", (user, seq))
+            db.execute(
+                "INSERT INTO users VALUES (?, ?, '{}') ON CONFLICT(user) DO UPDATE SET seq = excluded.seq", (user, seq)
+            )
             length = db.execute("SELECT COUNT(*) FROM events WHERE user = ?", (user,)).fetchone()[0]
         return seq, int(length)
 
-    def replace(self, user: str, items: list[str], signals: list[int], features: dict[str, str] | None) -> tuple[int, int]:
+    def replace(
+        self, user: str, items: list[str], signals: list[int], features: dict[str, str] | None
+    ) -> tuple[int, int]:
         items, signals = items[-self.t_max :], signals[-self.t_max :]
         with self._write() as db:
             head = db.execute("SELECT seq, features FROM users WHERE user = ?", (user,)).fetchone()
             merged = {**(json.loads(head[1]) if head else {}), **(features or {})}
             seq = (int(head[0]) if head else 0) + 1
             db.execute("DELETE FROM events WHERE user = ?", (user,))
-            db.executemany("INSERT INTO events VALUES (?, ?, ?, ?)", [(user, i, it, s) for i, (it, s) in enumerate(zip(items, signals))])
+            db.executemany(
+                "INSERT INTO events VALUES (?, ?, ?, ?)",
+                [(user, i, it, s) for i, (it, s) in enumerate(zip(items, signals, strict=False))],
+            )
             db.execute("INSERT OR REPLACE INTO users VALUES (?, ?, ?)", (user, seq, json.dumps(merged)))
         return seq, len(items)
 
@@ -105,8 +121,14 @@ class SqliteHistoryStore:
                 items, signals = items[-self.t_max :], signals[-self.t_max :]
                 head = db.execute("SELECT seq, features FROM users WHERE user = ?", (user,)).fetchone()
                 db.execute("DELETE FROM events WHERE user = ?", (user,))
-                db.executemany("INSERT INTO events VALUES (?, ?, ?, ?)", [(user, i, it, s) for i, (it, s) in enumerate(zip(items, signals))])
-                db.execute("INSERT OR REPLACE INTO users VALUES (?, ?, ?)", (user, (int(head[0]) if head else 0) + 1, head[1] if head else "{}"))
+                db.executemany(
+                    "INSERT INTO events VALUES (?, ?, ?, ?)",
+                    [(user, i, it, s) for i, (it, s) in enumerate(zip(items, signals, strict=False))],
+                )
+                db.execute(
+                    "INSERT OR REPLACE INTO users VALUES (?, ?, ?)",
+                    (user, (int(head[0]) if head else 0) + 1, head[1] if head else "{}"),
+                )
         return len(records)
 
     def count_users(self) -> int:

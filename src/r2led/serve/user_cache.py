@@ -80,15 +80,24 @@ class UserHistories:
             cached = self._cache.get(user)
         if cached is not None and cached.seq == seq - len(keys):  # nothing else changed the user
             t = self.store.t_max
-            self._put(user, UserState(
-                seq, np.concatenate([cached.items, ids])[-t:], np.concatenate([cached.signals, signals])[-t:],
-                cached.features, cached.feature_codes, cached.skipped,
-            ))
+            self._put(
+                user,
+                UserState(
+                    seq,
+                    np.concatenate([cached.items, ids])[-t:],
+                    np.concatenate([cached.signals, signals])[-t:],
+                    cached.features,
+                    cached.feature_codes,
+                    cached.skipped,
+                ),
+            )
         else:
             self._drop(user)
         return seq, length
 
-    def replace(self, user: str, keys: list[str], signals: list[int], features: dict[str, str] | None) -> tuple[int, int]:
+    def replace(
+        self, user: str, keys: list[str], signals: list[int], features: dict[str, str] | None
+    ) -> tuple[int, int]:
         """Set the user's history in the store (the cached copy reloads on the next request)."""
         seq, length = self.store.replace(user, keys, signals, features)
         self._drop(user)
@@ -99,8 +108,12 @@ class UserHistories:
         known = ids > 0
         signals = np.asarray(record.signals, dtype=np.int64)
         return UserState(
-            record.seq, ids[known], signals[known], record.features,
-            self.scoring.feature_codes(user, record.features), int((~known).sum()),
+            record.seq,
+            ids[known],
+            signals[known],
+            record.features,
+            self.scoring.feature_codes(user, record.features),
+            int((~known).sum()),
         )
 
     def _put(self, user: str, state: UserState) -> None:

@@ -1,7 +1,7 @@
 """Build a SID table for a prepared store: encode items, quantize residually, report, save.
 
-    store.items --encoder--> (N, D) --quantizer--> codes (N, L) [--unique--> (N, L+1)]
-          --> SidTable (codes, prefix tokens, settings, quality) --> DATA/<out>/
+store.items --encoder--> (N, D) --quantizer--> codes (N, L) [--unique--> (N, L+1)]
+      --> SidTable (codes, prefix tokens, settings, quality) --> DATA/<out>/
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def sid_table_from_embeddings(
         all_sizes.append(int(codes[:, -1].max()) + 1)
 
     quality = sid_quality(codes, all_sizes, vectors)
-    for level, left in zip(quality["levels"], result.residual_variance):
+    for level, left in zip(quality["levels"], result.residual_variance, strict=False):
         level["residual_variance"] = left
     if unique:
         quality["semantic"] = semantic  # collisions of the L semantic levels, before numbering

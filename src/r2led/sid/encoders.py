@@ -310,7 +310,9 @@ def encode_items(store, encoder: str = "minilm", seed: int = 0, cache: bool = Tr
     hit = False
     if encoder == "collaborative":
         # train rows only: valid and test interactions would leak their labels into the SIDs
-        vectors = collaborative_embeddings(store.offsets, store.seq_items, store.n_items, seed=seed, rows=train_rows(store))
+        vectors = collaborative_embeddings(
+            store.offsets, store.seq_items, store.n_items, seed=seed, rows=train_rows(store)
+        )
     else:
         texts = [t or "" for t in store.items.sort("item")["text"].to_list()]
         if encoder == "minilm":

@@ -72,7 +72,9 @@ NEIGHBOURS = 10  # k nearest embedding neighbours per item
 NEIGHBOUR_QUERIES = 5000  # items whose neighbours are looked up (all of them in smaller catalogues)
 
 
-def neighbour_agreement(vectors: np.ndarray, codes: np.ndarray, k: int = NEIGHBOURS, queries: int = NEIGHBOUR_QUERIES, seed: int = 0) -> list[dict]:
+def neighbour_agreement(
+    vectors: np.ndarray, codes: np.ndarray, k: int = NEIGHBOURS, queries: int = NEIGHBOUR_QUERIES, seed: int = 0
+) -> list[dict]:
     """Does a SID prefix group what the embedding space puts together?
 
     vectors (N, D) and codes (N, L) of the same items. For up to ``queries`` items (a seeded
@@ -122,5 +124,8 @@ def sid_quality(codes: np.ndarray, codebook: list[int], vectors: np.ndarray | No
         raise ValueError(f"codes of shape {codes.shape} do not match {len(codebook)} codebook sizes")
     report = {"n_items": int(codes.shape[0]), **collision_stats(codes), "levels": level_stats(codes, codebook)}
     if vectors is not None:
-        report["neighbours"] = {"k": min(NEIGHBOURS, max(codes.shape[0] - 1, 0)), "levels": neighbour_agreement(vectors, codes)}
+        report["neighbours"] = {
+            "k": min(NEIGHBOURS, max(codes.shape[0] - 1, 0)),
+            "levels": neighbour_agreement(vectors, codes),
+        }
     return report

@@ -106,7 +106,9 @@ def _walk_preferences(prefs: np.ndarray, order: np.ndarray, capacity: int, k: in
     return out
 
 
-def balanced_kmeans(x: np.ndarray, k: int, seed: int, niter: int = KMEANS_NITER, rounds: int = BALANCED_ITERATIONS) -> tuple[np.ndarray, np.ndarray]:
+def balanced_kmeans(
+    x: np.ndarray, k: int, seed: int, niter: int = KMEANS_NITER, rounds: int = BALANCED_ITERATIONS
+) -> tuple[np.ndarray, np.ndarray]:
     """Size-balanced k-means of x (n, d): faiss k-means, then ``rounds`` of capacity-constrained
     assignment (``balanced_assignment``, capacity ceil(n / k)) and centroid update. Returns
     (centroids (k, d), assignment (n,)); every cluster holds at most ceil(n / k) rows."""
@@ -129,7 +131,9 @@ def balanced_kmeans(x: np.ndarray, k: int, seed: int, niter: int = KMEANS_NITER,
     return centroids, assign
 
 
-def rq_kmeans(x: np.ndarray, codebook: list[int], seed: int = 0, niter: int = KMEANS_NITER, balanced: bool = False) -> Quantization:
+def rq_kmeans(
+    x: np.ndarray, codebook: list[int], seed: int = 0, niter: int = KMEANS_NITER, balanced: bool = False
+) -> Quantization:
     """Residual k-means: level l clusters what levels 1..l-1 left unexplained.
 
     x: (N, D) float32; codebook: K_l per level. Returns codes (N, L) int64 and the fraction of
@@ -153,16 +157,16 @@ def rq_kmeans(x: np.ndarray, codebook: list[int], seed: int = 0, niter: int = KM
     return Quantization(codes, left, left[-1], params)
 
 
-def quantize(
-    x: np.ndarray, quantizer: str, codebook: list[int], seed: int = 0, progress: bool = False
-) -> Quantization:
+def quantize(x: np.ndarray, quantizer: str, codebook: list[int], seed: int = 0, progress: bool = False) -> Quantization:
     """Codes (N, L) for embeddings x (N, D) with the named quantizer (see ``QUANTIZERS``)."""
     if quantizer in ("rq-kmeans", "rq-kmeans-balanced"):
         return rq_kmeans(x, codebook, seed=seed, balanced=quantizer == "rq-kmeans-balanced")
     if quantizer in ("rq-vae", "rq-vae-sinkhorn"):
         from r2led.sid.rq_vae import RqVaeConfig, train_rq_vae
 
-        return train_rq_vae(x, codebook, RqVaeConfig(seed=seed, sinkhorn=quantizer == "rq-vae-sinkhorn"), progress=progress)
+        return train_rq_vae(
+            x, codebook, RqVaeConfig(seed=seed, sinkhorn=quantizer == "rq-vae-sinkhorn"), progress=progress
+        )
     raise ConfigError(f"unknown quantizer {quantizer!r}; expected one of {', '.join(QUANTIZERS)}")
 
 

@@ -63,7 +63,7 @@ def sinkhorn_assign(dist: torch.Tensor, epsilon: float = 0.05, iterations: int =
 def mlp(sizes: list[int]) -> nn.Sequential:
     """Linear layers with ReLU between them (none after the last)."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
@@ -93,8 +93,14 @@ class RqVae(nn.Module):
         vq_loss = z.new_zeros(())
         for book in self.codebooks:  # book: (K, e)
             residuals.append(residual)
-            dist = (residual.detach() ** 2).sum(1, keepdim=True) - 2 * residual.detach() @ book.T + (book**2).sum(1)  # (B, K)
-            idx = sinkhorn_assign(dist, self.cfg.sinkhorn_epsilon, self.cfg.sinkhorn_iterations) if self.cfg.sinkhorn else dist.argmin(1)  # (B,)
+            dist = (
+                (residual.detach() ** 2).sum(1, keepdim=True) - 2 * residual.detach() @ book.T + (book**2).sum(1)
+            )  # (B, K)
+            idx = (
+                sinkhorn_assign(dist, self.cfg.sinkhorn_epsilon, self.cfg.sinkhorn_iterations)
+                if self.cfg.sinkhorn
+                else dist.argmin(1)
+            )  # (B,)
             code = book[idx]  # (B, e)
             vq_loss = vq_loss + F.mse_loss(code, residual.detach()) + self.beta * F.mse_loss(residual, code.detach())
             z_q = z_q + code
@@ -124,7 +130,7 @@ class RqVae(nn.Module):
         """Move codes with zero usage onto random level-l residuals of x (B, D); returns how many."""
         _, _, residuals, _ = self.quantize(self.encoder(x))
         moved = 0
-        for book, used, residual in zip(self.codebooks, usage, residuals):
+        for book, used, residual in zip(self.codebooks, usage, residuals, strict=False):
             dead = torch.nonzero(used == 0).ravel()
             if len(dead):
                 pick = torch.randint(len(residual), (len(dead),), generator=gen)
@@ -163,7 +169,7 @@ def train_rq_vae(
     finally:
         torch.set_num_threads(threads)
     denom = max(total_variance(z.double().numpy()), 1e-12)
-    left = [float(((r - c).double() ** 2).sum()) / denom for r, c in zip(residuals, chosen)]
+    left = [float(((r - c).double() ** 2).sum()) / denom for r, c in zip(residuals, chosen, strict=False)]
     recon = float(((x_hat - data).double() ** 2).sum()) / max(total_variance(data.numpy()), 1e-12)
     params = {**asdict(cfg), "hidden": list(cfg.hidden), "reseeded_codes": reseeded, "residual_space": "latent"}
     return Quantization(codes.numpy().astype(np.int64), [round(v, 6) for v in left], round(recon, 6), params)

@@ -49,7 +49,7 @@ class SidTable:
     quality: dict = field(default_factory=dict)
 
     @classmethod
-    def from_codes(cls, item_codes: np.ndarray, settings: dict | None = None, quality: dict | None = None) -> "SidTable":
+    def from_codes(cls, item_codes: np.ndarray, settings: dict | None = None, quality: dict | None = None) -> SidTable:
         """Build from codes of items 1..N (shape (N, L)); adds the padding row 0."""
         item_codes = np.asarray(item_codes, dtype=np.int64)
         tokens, sizes = prefix_tokens(item_codes)
@@ -81,11 +81,13 @@ class SidTable:
             np.save(tmp / "codes.npy", self.codes)
             np.save(tmp / "prefix_tokens.npy", self.prefix_tokens)
             (tmp / "quality.json").write_text(json.dumps(self.quality, indent=2))
-            (tmp / "meta.json").write_text(json.dumps({"settings": self.settings, "vocab_sizes": self.vocab_sizes}, indent=2))
+            (tmp / "meta.json").write_text(
+                json.dumps({"settings": self.settings, "vocab_sizes": self.vocab_sizes}, indent=2)
+            )
         return path
 
     @classmethod
-    def load(cls, path: str | Path, n_items: int | None = None) -> "SidTable":
+    def load(cls, path: str | Path, n_items: int | None = None) -> SidTable:
         """Read a saved table; a missing, unreadable or inconsistent file -> one-line DataError.
 
         ``n_items``: the store's catalogue size, which the table must cover exactly.
@@ -110,7 +112,8 @@ class SidTable:
         elif not isinstance(meta.get("vocab_sizes"), list) or len(meta["vocab_sizes"]) != codes.shape[1]:
             problem = f"meta.json needs vocab_sizes for each of the {codes.shape[1]} levels"
         elif not all(isinstance(v, int) for v in meta["vocab_sizes"]) or bool(
-            (tokens.min(axis=0, initial=0) < 0).any() or (tokens.max(axis=0, initial=0) >= np.asarray(meta["vocab_sizes"])).any()
+            (tokens.min(axis=0, initial=0) < 0).any()
+            or (tokens.max(axis=0, initial=0) >= np.asarray(meta["vocab_sizes"])).any()
         ):
             problem = "prefix tokens outside the vocabulary sizes in meta.json"
         if problem is not None:

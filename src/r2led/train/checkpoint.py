@@ -76,7 +76,9 @@ def load_checkpoint(path: str | Path) -> dict:
     except Exception as exc:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"checkpoint {path} is corrupt or not a r2led checkpoint ({_reason(exc)})") from None
     if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"checkpoint {path} has no model state (keys: {list(state)[:5] if isinstance(state, dict) else type(state).__name__})")
+        raise CheckpointError(
+            f"checkpoint {path} has no model state (keys: {list(state)[:5] if isinstance(state, dict) else type(state).__name__})"
+        )
     return state
 
 

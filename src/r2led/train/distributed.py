@@ -46,7 +46,7 @@ class Distributed:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls) -> "Distributed":
+    def from_env(cls) -> Distributed:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and not dist.is_initialized():
             dist.init_process_group("gloo")  # the trainer keeps every tensor on the CPU; nccl would refuse them
@@ -85,7 +85,9 @@ class Distributed:
             local[: len(a)] = torch.from_numpy(np.asarray(a, dtype=np.float64))
             parts = [torch.zeros(width, dtype=torch.float64) for _ in range(self.world)]
             dist.all_gather(parts, local)
-            out.append(np.concatenate([p[:n].numpy() for p, n in zip(parts, sizes)]).astype(np.asarray(a).dtype))
+            out.append(
+                np.concatenate([p[:n].numpy() for p, n in zip(parts, sizes, strict=False)]).astype(np.asarray(a).dtype)
+            )
         return out
 
 
@@ -111,7 +113,10 @@ def local_batch_size(batch_size: int, d: Distributed) -> int:
     if d.main:
         log.info(
             "DDP: %d ranks x %d samples = global batch %d (train.batch_size %d); lr unchanged, gradients averaged",
-            d.world, local, local * d.world, batch_size,
+            d.world,
+            local,
+            local * d.world,
+            batch_size,
         )
     return local
 
@@ -126,7 +131,9 @@ def shard(lo: int, hi: int, d: Distributed, equal: bool = False) -> tuple[int, i
     return lo + n * d.rank // d.world, lo + n * (d.rank + 1) // d.world
 
 
-def shard_store(store: LifelongStore, d: Distributed, max_train: int | None = None, max_eval: int | None = None) -> LifelongStore:
+def shard_store(
+    store: LifelongStore, d: Distributed, max_train: int | None = None, max_eval: int | None = None
+) -> LifelongStore:
     """A view of ``store`` holding only this rank's shard of each split of the sample table.
 
     Splits are contiguous row ranges of ``samples.parquet`` (train, then valid, then test);

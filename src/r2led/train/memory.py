@@ -82,7 +82,14 @@ def _parameters(cfg: RunConfig, manifest: dict, sid_vocab: list[int]) -> int:
     """Parameters of the model: every embedding table exactly, the dense layers closely."""
     m = cfg.model
     d = m.dim
-    rows = int(manifest["items"]) + 1 + int(manifest["categories"]) + int(manifest["tags"]) + int(manifest["signal_max"]) + 1
+    rows = (
+        int(manifest["items"])
+        + 1
+        + int(manifest["categories"])
+        + int(manifest["tags"])
+        + int(manifest["signal_max"])
+        + 1
+    )
     rows += sum(int(v) for v in manifest["user_features"].values()) + sum(sid_vocab)
     embeddings = rows * d
     # Head MLP on [user features, history profile, up to ~6 representation vectors], and the
@@ -95,7 +102,9 @@ def _parameters(cfg: RunConfig, manifest: dict, sid_vocab: list[int]) -> int:
     return embeddings + head + DENSE_SQUARES.get(m.name, 8) * d * d
 
 
-def estimate_memory(cfg: RunConfig, manifest: dict, sid_vocab: list[int] | None = None, world: int = 1) -> MemoryEstimate:
+def estimate_memory(
+    cfg: RunConfig, manifest: dict, sid_vocab: list[int] | None = None, world: int = 1
+) -> MemoryEstimate:
     """Peak memory of training ``cfg`` on the store described by ``manifest`` (one process).
 
     ``sid_vocab``: the SID table's vocabulary sizes when the model uses one. ``world``: DDP
@@ -124,7 +133,9 @@ def estimate_memory(cfg: RunConfig, manifest: dict, sid_vocab: list[int] | None 
     name = m.name
     per_behaviour = INDEX_BYTES + HISTORY_BYTES_PER_DIM.get(name, 0) * d + HISTORY_BYTES_FIXED.get(name, 0)
     if name not in HISTORY_BYTES_PER_DIM and name not in HISTORY_BYTES_FIXED and name not in _SHORT_OR_RETRIEVAL:
-        per_behaviour += max(HISTORY_BYTES_FIXED.values()) + max(HISTORY_BYTES_PER_DIM.values()) * d  # unknown: assume the most
+        per_behaviour += (
+            max(HISTORY_BYTES_FIXED.values()) + max(HISTORY_BYTES_PER_DIM.values()) * d
+        )  # unknown: assume the most
     per_slot = SLOT_BYTES_PER_DIM * d
     train_step = batch * (length * per_behaviour + slots * per_slot)
     eval_per_behaviour = INDEX_BYTES + EVAL_SHARE * (per_behaviour - INDEX_BYTES)
@@ -144,6 +155,7 @@ def estimate_memory(cfg: RunConfig, manifest: dict, sid_vocab: list[int] | None 
         length=length,
         slots=slots,
     )
+
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
 
@@ -200,8 +212,12 @@ def available_memory() -> int:
 
 
 def check_memory(
-    cfg: RunConfig, manifest: dict, sid_vocab: list[int] | None = None, max_memory: str | int | None = None,
-    world: int = 1, local: int = 1,
+    cfg: RunConfig,
+    manifest: dict,
+    sid_vocab: list[int] | None = None,
+    max_memory: str | int | None = None,
+    world: int = 1,
+    local: int = 1,
 ) -> MemoryEstimate:
     """Refuse (``ConfigError``, one line with the estimate) a run that will not fit in memory.
 
@@ -212,7 +228,10 @@ def check_memory(
     if max_memory is not None:
         budget, source = parse_size(max_memory), "--max-memory"
     else:
-        budget, source = available_memory() // max(local, 1), "available" + (f" per process ({local} here)" if local > 1 else "")
+        budget, source = (
+            available_memory() // max(local, 1),
+            "available" + (f" per process ({local} here)" if local > 1 else ""),
+        )
     if est.total > budget:
         raise ConfigError(
             f"this run needs about {est.summary()}, more than the {budget / GB:.1f} GB {source}; lower "

@@ -19,7 +19,11 @@ def gauc(user: np.ndarray, label: np.ndarray, score: np.ndarray) -> float:
         pl.col("y").sum().alias("pos"),
         pl.col("r").filter(pl.col("y") == 1).sum().alias("rank_pos"),
     )
-    g = g.sort("u").with_columns((pl.col("n") - pl.col("pos")).alias("neg")).filter((pl.col("pos") > 0) & (pl.col("neg") > 0))
+    g = (
+        g.sort("u")
+        .with_columns((pl.col("n") - pl.col("pos")).alias("neg"))
+        .filter((pl.col("pos") > 0) & (pl.col("neg") > 0))
+    )
     if g.height == 0:
         return float("nan")
     pos, neg, n = g["pos"].to_numpy(), g["neg"].to_numpy(), g["n"].to_numpy()

@@ -115,9 +115,7 @@ def run_fingerprints(run: str | Path) -> dict[str, str | None]:
     """The fingerprints a run recorded when it started (see :func:`fingerprints`)."""
     recorded = _read_tree(run).get("fingerprints")
     if not isinstance(recorded, dict) or not isinstance(recorded.get("data"), str):
-        raise CheckpointError(
-            f"{run} records no data fingerprints (written by an older r2led or edited); retrain it"
-        )
+        raise CheckpointError(f"{run} records no data fingerprints (written by an older r2led or edited); retrain it")
     return {"data": recorded["data"], "sid": recorded.get("sid")}
 
 
@@ -181,9 +179,7 @@ def verify_run(run: str | Path, *, require_finished: bool) -> tuple[str, RunConf
             f"no best.pt yet (training stopped before its first evaluation); finish the run: {_train_command(run, data, cfg)}"
         )
     if require_finished and not (run / "metrics.json").is_file():
-        raise CheckpointError(
-            f"the run is unfinished (no metrics.json); finish it: {_train_command(run, data, cfg)}"
-        )
+        raise CheckpointError(f"the run is unfinished (no metrics.json); finish it: {_train_command(run, data, cfg)}")
     recorded = run_fingerprints(run)
     if not Path(data).is_dir():
         raise DataError(f"{run} was trained on {data}, which no longer exists; prepare it again or retrain")

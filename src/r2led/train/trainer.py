@@ -45,8 +45,8 @@ from r2led.models.spec import DataSpec
 from r2led.sid.table import SidTable
 from r2led.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from r2led.train.distributed import Distributed, configure_threads, local_batch_size, shard_store
-from r2led.train.metrics import ctr_metrics
 from r2led.train.memory import EVAL_TOKENS, check_memory
+from r2led.train.metrics import ctr_metrics
 from r2led.train.run_folder import (  # noqa: F401  (read_run_config: re-exported for callers)
     check_run_folder,
     clear_run_folder,
@@ -76,10 +76,10 @@ def load_sid(store: LifelongStore, cfg: RunConfig) -> SidTable | None:
     return SidTable.load(store.root / cfg.sid, n_items=store.n_items)
 
 
-
-
 @torch.no_grad()
-def predict(model: torch.nn.Module, store: LifelongStore, sample_idx: np.ndarray, batch_size: int, t_max: int) -> np.ndarray:
+def predict(
+    model: torch.nn.Module, store: LifelongStore, sample_idx: np.ndarray, batch_size: int, t_max: int
+) -> np.ndarray:
     """Click probabilities for samples, in the order given (batched by history length)."""
     model.eval()
     order = np.argsort(store.history_lengths(sample_idx, t_max), kind="stable")
@@ -94,7 +94,12 @@ def predict(model: torch.nn.Module, store: LifelongStore, sample_idx: np.ndarray
 
 
 def evaluate_split(
-    model, store: LifelongStore, split: str, cfg: RunConfig, limit: int | None = None, predictions: Path | None = None,
+    model,
+    store: LifelongStore,
+    split: str,
+    cfg: RunConfig,
+    limit: int | None = None,
+    predictions: Path | None = None,
     d: Distributed | None = None,
 ) -> dict:
     """AUC / LogLoss / GAUC of ``model`` on a whole split (or its first ``limit`` samples).
@@ -130,8 +135,14 @@ class Trainer:
     """Fits one model on one store; see the module docstring for what it writes."""
 
     def __init__(
-        self, data: str | Path, cfg: RunConfig, out: str | Path, resume: bool = False, show_progress: bool = True,
-        force: bool = False, max_memory: str | int | None = None,
+        self,
+        data: str | Path,
+        cfg: RunConfig,
+        out: str | Path,
+        resume: bool = False,
+        show_progress: bool = True,
+        force: bool = False,
+        max_memory: str | int | None = None,
     ):
         """Check the data, the SID table and the run folder, and build the model; writes nothing.
 
@@ -151,8 +162,12 @@ class Trainer:
         self.action = check_run_folder(self.out, self.store.root, cfg, self.fingerprints, resume=resume, force=force)
         self.sid = load_sid(self.store, cfg)
         self.memory = check_memory(
-            cfg, self.store.manifest, self.sid.vocab_sizes if self.sid else None, max_memory,
-            world=self.dist.world, local=self.dist.local_world,
+            cfg,
+            self.store.manifest,
+            self.sid.vocab_sizes if self.sid else None,
+            max_memory,
+            world=self.dist.world,
+            local=self.dist.local_world,
         )
         self.spec = DataSpec.from_store(self.store)
         self.model = build_model(cfg.model, self.spec, self.sid)
@@ -180,7 +195,9 @@ class Trainer:
         log.setLevel(logging.INFO)
 
     # ---- state --------------------------------------------------------------------------
-    def _state(self, epoch: int, batch: int, best: float, bad: int, history: list, train_seconds: float, seen: int) -> dict:
+    def _state(
+        self, epoch: int, batch: int, best: float, bad: int, history: list, train_seconds: float, seen: int
+    ) -> dict:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -196,13 +213,17 @@ class Trainer:
         }
 
     def _evaluate(self, split: str, predictions: Path | None = None) -> dict:
-        return evaluate_split(self.model, self.store, split, self.cfg, self.cfg.train.max_eval_samples, predictions, self.dist)
+        return evaluate_split(
+            self.model, self.store, split, self.cfg, self.cfg.train.max_eval_samples, predictions, self.dist
+        )
 
     # ---- the loop -----------------------------------------------------------------------
     def fit(self) -> dict:
         """Train, early-stop on valid AUC, evaluate the best checkpoint on test; returns metrics."""
         last = self.out / "last.pt"
-        resume_from = load_checkpoint(last) if self.action == "resume" and last.is_file() else None  # read before writing
+        resume_from = (
+            load_checkpoint(last) if self.action == "resume" and last.is_file() else None
+        )  # read before writing
         self._start_run_folder()
         handler = self._log_handler
         if handler is not None:  # this run's log file, for this fit only (several runs per process)
@@ -225,23 +246,42 @@ class Trainer:
             epoch, start_batch, best, bad = state["epoch"], state["batch"], state["best_auc"], state["bad_evals"]
             history, train_seconds, seen = state["history"], state["train_seconds"], state["samples_seen"]
             set_rng_state(state["rng"])
-            log.info("resumed from %s at epoch %d batch %d (best valid AUC %.4f)", self.out / "last.pt", epoch, start_batch, best)
+            log.info(
+                "resumed from %s at epoch %d batch %d (best valid AUC %.4f)",
+                self.out / "last.pt",
+                epoch,
+                start_batch,
+                best,
+            )
         net = self.ddp or self.model
         batches = BatchIterator(
-            self.store, self.train_idx, local_batch_size(tc.batch_size, self.dist), tc.t_max, shuffle=True, seed=tc.seed,
+            self.store,
+            self.train_idx,
+            local_batch_size(tc.batch_size, self.dist),
+            tc.t_max,
+            shuffle=True,
+            seed=tc.seed,
             bucket=tc.bucket,  # the store is this rank's shard (equal sizes: equal step counts)
         )
         stop = bad > tc.patience
         progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), disable=not (self.show_progress and self.dist.main), transient=False,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            disable=not (self.show_progress and self.dist.main),
+            transient=False,
         )
         with progress:
             while epoch < tc.epochs and not stop:
                 batches.epoch = epoch
                 n_batches = len(batches)
                 eval_points = {round(n_batches * (i + 1) / tc.evals_per_epoch) for i in range(tc.evals_per_epoch)}
-                task = progress.add_task(f"epoch {epoch + 1}/{tc.epochs}", total=n_batches, completed=start_batch, info="")
+                task = progress.add_task(
+                    f"epoch {epoch + 1}/{tc.epochs}", total=n_batches, completed=start_batch, info=""
+                )
                 running, t_seg = None, time.perf_counter()
                 for b, batch in enumerate(batches):
                     if b < start_batch:
@@ -263,7 +303,9 @@ class Trainer:
                     progress.update(task, advance=1, info=f"loss {running:.4f}")
                     if b + 1 in eval_points:
                         train_seconds += time.perf_counter() - t_seg
-                        stop, best, bad = self._checkpoint(epoch, b + 1, best, bad, history, train_seconds, seen, n_batches)
+                        stop, best, bad = self._checkpoint(
+                            epoch, b + 1, best, bad, history, train_seconds, seen, n_batches
+                        )
                         t_seg = time.perf_counter()
                         if stop:
                             break
@@ -288,16 +330,33 @@ class Trainer:
             improved = metrics["auc"] > best
             if improved:
                 best, bad = metrics["auc"], 0
-                save_checkpoint({"model": self.model.state_dict(), "config": self.cfg.model_dump(), "spec": self.spec.to_dict(), "valid": metrics}, self.out / "best.pt")
+                save_checkpoint(
+                    {
+                        "model": self.model.state_dict(),
+                        "config": self.cfg.model_dump(),
+                        "spec": self.spec.to_dict(),
+                        "valid": metrics,
+                    },
+                    self.out / "best.pt",
+                )
             else:
                 bad += 1
             stop = bad > self.cfg.train.patience
             at_end = batch >= n_batches
-            save_checkpoint(self._state(epoch + 1 if at_end else epoch, 0 if at_end else batch, best, bad, history, train_seconds, seen), self.out / "last.pt")
+            save_checkpoint(
+                self._state(
+                    epoch + 1 if at_end else epoch, 0 if at_end else batch, best, bad, history, train_seconds, seen
+                ),
+                self.out / "last.pt",
+            )
             write_json_atomic(self.out / "history.json", history)
             log.info(
-                "epoch %.2f valid auc %.4f logloss %.4f gauc %.4f%s", metrics["epoch"], metrics["auc"],
-                metrics["logloss"], metrics["gauc"], " (best)" if improved else "",
+                "epoch %.2f valid auc %.4f logloss %.4f gauc %.4f%s",
+                metrics["epoch"],
+                metrics["auc"],
+                metrics["logloss"],
+                metrics["gauc"],
+                " (best)" if improved else "",
             )
         self.dist.barrier()
         return self.dist.broadcast_flag(stop), best, bad

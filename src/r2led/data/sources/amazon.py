@@ -113,7 +113,9 @@ def _read_reviews(file: Path) -> tuple[pl.LazyFrame, pl.Series, pl.DataFrame, in
         raise _unreadable(file, exc) from None
     if found is not None:
         record, check, value = found  # polars numbers non-blank lines: find the file's line
-        raise refusal("amazon", file, json_record_line(file, record), check.column, check.problem, "" if value is None else value)
+        raise refusal(
+            "amazon", file, json_record_line(file, record), check.column, check.problem, "" if value is None else value
+        )
     if rows == 0:
         raise DataError(f"amazon: {file} holds no reviews")
     reviewed = raw.select(pl.col("asin").unique(maintain_order=True)).collect()["asin"]

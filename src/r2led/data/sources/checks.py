@@ -23,7 +23,7 @@ import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
@@ -37,8 +37,8 @@ LINE = "line"  # the column that carries each row's 1-based line number in the f
 
 def ts_max(now: datetime | None = None) -> int:
     """The last second of next year (UTC): the latest timestamp a reader accepts."""
-    year = (now or datetime.now(timezone.utc)).year
-    return int(datetime(year + 2, 1, 1, tzinfo=timezone.utc).timestamp()) - 1
+    year = (now or datetime.now(UTC)).year
+    return int(datetime(year + 2, 1, 1, tzinfo=UTC).timestamp()) - 1
 
 
 def excerpt(value: object, limit: int = EXCERPT) -> str:
@@ -55,9 +55,13 @@ def short(exc: BaseException, limit: int = 2 * EXCERPT) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def refusal(source: str, file: Path | str, line: int | None, column: str | None, problem: str, value: object = ...) -> DataError:
+def refusal(
+    source: str, file: Path | str, line: int | None, column: str | None, problem: str, value: object = ...
+) -> DataError:
     """``DataError('<source>: <file>: line <n>, column '<c>': <problem> (found '<value>')')``."""
-    where = ", ".join(p for p in (f"line {line}" if line is not None else "", f"column '{column}'" if column else "") if p)
+    where = ", ".join(
+        p for p in (f"line {line}" if line is not None else "", f"column '{column}'" if column else "") if p
+    )
     found = "" if value is ... else f" (found {excerpt(value)})"
     return DataError(f"{source}: {file}: {where + ': ' if where else ''}{problem}{found}")
 
@@ -95,13 +99,15 @@ def time_checks(column: str, seconds: pl.Expr, raw: pl.Expr | None = None, unit:
             column,
             ((seconds < TS_MIN) | (seconds > high)).fill_null(False),
             f"is out of range (before 1990-01-01 or after "
-            f"{datetime.fromtimestamp(high, timezone.utc):%Y-%m-%d}; {unit} since 1970 expected)",
+            f"{datetime.fromtimestamp(high, UTC):%Y-%m-%d}; {unit} since 1970 expected)",
             raw,
         ),
     ]
 
 
-def first_failure(frame: pl.LazyFrame | pl.DataFrame, checks: list[RowCheck]) -> tuple[int, tuple[int, RowCheck, object] | None]:
+def first_failure(
+    frame: pl.LazyFrame | pl.DataFrame, checks: list[RowCheck]
+) -> tuple[int, tuple[int, RowCheck, object] | None]:
     """(rows, failure) of ``frame``: its row count, and (line, check, value) of the first row
     that breaks a check, in file order (None if every row is clean).
 
@@ -110,13 +116,14 @@ def first_failure(frame: pl.LazyFrame | pl.DataFrame, checks: list[RowCheck]) ->
     """
     frame = frame.lazy()
     any_bad = pl.any_horizontal([c.bad for c in checks]) if checks else pl.lit(False)
-    rows, line = (
-        frame.select(pl.len().alias("rows"), pl.col(LINE).filter(any_bad).min().alias("bad")).collect().row(0)
-    )
+    rows, line = frame.select(pl.len().alias("rows"), pl.col(LINE).filter(any_bad).min().alias("bad")).collect().row(0)
     if line is None:
         return int(rows), None
     flags = [c.bad.alias(f"_bad{i}") for i, c in enumerate(checks)]
-    values = [(c.value if c.value is not None else pl.col(c.column)).cast(pl.String).alias(f"_val{i}") for i, c in enumerate(checks)]
+    values = [
+        (c.value if c.value is not None else pl.col(c.column)).cast(pl.String).alias(f"_val{i}")
+        for i, c in enumerate(checks)
+    ]
     row = frame.filter(pl.col(LINE) == line).head(1).select(*flags, *values).collect().row(0, named=True)
     i = next(i for i in range(len(checks)) if row[f"_bad{i}"])
     return int(rows), (int(line), checks[i], row[f"_val{i}"])
@@ -144,7 +151,9 @@ def _lines(file: Path) -> Iterator[tuple[int, str]]:
             yield number, line.rstrip("\r\n")
 
 
-def locate_csv_problem(file: Path, columns: list[str], header: bool, quoting: bool = True) -> tuple[int, str, str] | None:
+def locate_csv_problem(
+    file: Path, columns: list[str], header: bool, quoting: bool = True
+) -> tuple[int, str, str] | None:
     """(line, problem, text) of the first line Python's csv module cannot read as ``columns``.
 
     Used only after polars failed, to say where. A line with a bad quote, or with another
@@ -165,7 +174,11 @@ def locate_csv_problem(file: Path, columns: list[str], header: bool, quoting: bo
             if header and line == 1 or not fields:
                 continue
             if len(fields) != len(columns):
-                return line, f"has {len(fields)} fields; expected {len(columns)} ({','.join(columns)})", ",".join(fields)
+                return (
+                    line,
+                    f"has {len(fields)} fields; expected {len(columns)} ({','.join(columns)})",
+                    ",".join(fields),
+                )
 
 
 def _line_text(file: Path, wanted: int) -> str:

@@ -57,7 +57,9 @@ def load_kuairand(path: str | Path, logs: str = "log_standard*.csv") -> Canonica
     if path.is_dir():
         folder, log_files = path, sorted(path.glob(logs))
         if not log_files:
-            raise DataError(f"kuairand: no log file matching {logs!r} in {path} (e.g. log_standard_4_08_to_4_21_1k.csv)")
+            raise DataError(
+                f"kuairand: no log file matching {logs!r} in {path} (e.g. log_standard_4_08_to_4_21_1k.csv)"
+            )
     elif path.is_file():
         folder, log_files = path.parent, [path]
     else:
@@ -114,7 +116,9 @@ def _blank(col: str) -> pl.Expr:
 def _flag(col: str) -> tuple[pl.Expr, RowCheck]:
     """A 0/1 column as Int64, and the check that it is 0 or 1."""
     value = pl.col(col).str.strip_chars().cast(pl.Float64, strict=False)
-    return value.cast(pl.Int64, strict=False), RowCheck(col, ~value.is_in([0.0, 1.0]).fill_null(False), "must be 0 or 1")
+    return value.cast(pl.Int64, strict=False), RowCheck(
+        col, ~value.is_in([0.0, 1.0]).fill_null(False), "must be 0 or 1"
+    )
 
 
 def _read_log(file: Path) -> tuple[pl.LazyFrame, int]:
@@ -169,7 +173,9 @@ def _unreadable(file: Path, header: list[str], exc: Exception) -> DataError:
 
 def _items(videos: pl.DataFrame, file: Path | None) -> pl.DataFrame:
     if file is None:
-        feats = pl.DataFrame(schema={"item": pl.String, "video_type": pl.String, "upload_type": pl.String, "tag": pl.String})
+        feats = pl.DataFrame(
+            schema={"item": pl.String, "video_type": pl.String, "upload_type": pl.String, "tag": pl.String}
+        )
     else:
         raw = _read_csv(file, ("video_id",))
         missing = [c for c in VIDEO_REQUIRED if c not in raw.columns]
@@ -191,7 +197,9 @@ def _items(videos: pl.DataFrame, file: Path | None) -> pl.DataFrame:
 
     def part(label: str, col: str) -> pl.Expr:
         value = pl.col(col).str.strip_chars()
-        return pl.when(value.is_not_null() & (value != "") & (value.str.to_lowercase() != "nan")).then(pl.lit(label) + value)
+        return pl.when(value.is_not_null() & (value != "") & (value.str.to_lowercase() != "nan")).then(
+            pl.lit(label) + value
+        )
 
     df = videos.join(feats, on="item", how="left", maintain_order="left").with_columns(tags.alias("tags"))
     text = pl.concat_str(

@@ -98,7 +98,9 @@ def _world(users, length, items, seed, topics, interests, zipf, min_length) -> _
     return _World(rng, topics, item_leaf, item_head, by_leaf, leaf_cdf, leaf_pop_cdf, lens, chosen, start)
 
 
-def _block(w: _World, a: int, b: int, block: int, seed: int, burst, focus, recall, gap, days) -> tuple[pl.DataFrame, np.ndarray]:
+def _block(
+    w: _World, a: int, b: int, block: int, seed: int, burst, focus, recall, gap, days
+) -> tuple[pl.DataFrame, np.ndarray]:
     """Interactions of users ``a .. b-1`` and each row's true click probability."""
     rng = np.random.default_rng([seed, 2, block])
     n_top, n_sub, n_leaf = w.topics
@@ -134,7 +136,9 @@ def _block(w: _World, a: int, b: int, block: int, seed: int, burst, focus, recal
     sub_of_interest = np.zeros((ub, n_top * n_sub), dtype=bool)
     sub_of_interest[np.arange(ub)[:, None], interests // n_leaf] = True
     rel = np.where(
-        leaf == focus_leaf, 3, np.where(is_interest[user, leaf], 2, np.where(sub_of_interest[user, leaf // n_leaf], 1, 0))
+        leaf == focus_leaf,
+        3,
+        np.where(is_interest[user, leaf], 2, np.where(sub_of_interest[user, leaf // n_leaf], 1, 0)),
     )
     logit = RELATION_LOGIT[rel] + HEAD_LOGIT * w.item_head[item]
     p = 1.0 / (1.0 + np.exp(-logit))
@@ -187,14 +191,27 @@ def load_lifelong(
     ``users`` x about ``length`` impressions (uniform in [0.5, 1.5] x length) over ``items``
     items; the same settings give identical tables. ``lazy=True`` streams the interactions.
     """
-    settings = dict(users=users, length=length, items=items, seed=seed, topics=tuple(topics), interests=interests,
-                    burst=burst, focus=focus, recall=recall, gap=gap, zipf=zipf, days=days, min_length=min_length)
+    settings = dict(
+        users=users,
+        length=length,
+        items=items,
+        seed=seed,
+        topics=tuple(topics),
+        interests=interests,
+        burst=burst,
+        focus=focus,
+        recall=recall,
+        gap=gap,
+        zipf=zipf,
+        days=days,
+        min_length=min_length,
+    )
     _check(settings)
     w = _world(users, length, items, seed, tuple(topics), interests, zipf, min_length)
     blocks = _user_blocks(w.lens)
 
     def frames() -> Iterator[pl.DataFrame]:
-        for i, (lo, hi) in enumerate(zip(blocks[:-1], blocks[1:])):
+        for i, (lo, hi) in enumerate(zip(blocks[:-1], blocks[1:], strict=False)):
             yield _block(w, int(lo), int(hi), i, seed, burst, focus, recall, gap, days)[0]
 
     item_table = topic_item_table(w.rng, w.item_leaf, tuple(topics))
@@ -205,7 +222,9 @@ def load_lifelong(
     )
     info = {"generator": "r2led.data.sources.lifelong", **settings, "topics": list(topics), "rows": int(w.lens.sum())}
     if lazy:
-        return CanonicalTables("synthetic-lifelong", lazy_frames(frames, INTERACTION_SCHEMA), item_table, user_table, info)
+        return CanonicalTables(
+            "synthetic-lifelong", lazy_frames(frames, INTERACTION_SCHEMA), item_table, user_table, info
+        )
     interactions = pl.concat(list(frames()), rechunk=True)
     return CanonicalTables("synthetic-lifelong", interactions, item_table, user_table, info).validate()
 
@@ -219,13 +238,19 @@ def _check(s: dict) -> None:
         if s[name] < 1:
             raise ConfigError(f"synthetic-lifelong: {name} must be >= 1; got {s[name]}")
     if s["interests"] > n_leaves:
-        raise ConfigError(f"synthetic-lifelong: interests={s['interests']} exceeds the {n_leaves} leaves of topics={topics}")
+        raise ConfigError(
+            f"synthetic-lifelong: interests={s['interests']} exceeds the {n_leaves} leaves of topics={topics}"
+        )
     if s["items"] < n_leaves * _HEAD_RANK:
-        raise ConfigError(f"synthetic-lifelong: items={s['items']} is fewer than {_HEAD_RANK} per leaf ({n_leaves} leaves)")
+        raise ConfigError(
+            f"synthetic-lifelong: items={s['items']} is fewer than {_HEAD_RANK} per leaf ({n_leaves} leaves)"
+        )
     if s["burst"] < 1 or s["gap"] < 1:
         raise ConfigError(f"synthetic-lifelong: burst and gap must be >= 1; got burst={s['burst']}, gap={s['gap']}")
-    if not (0 <= s["focus"] and 0 <= s["recall"] and s["focus"] + s["recall"] <= 1):
-        raise ConfigError(f"synthetic-lifelong: focus and recall must be >= 0 with focus + recall <= 1; got {s['focus']}, {s['recall']}")
+    if not (s["focus"] >= 0 and s["recall"] >= 0 and s["focus"] + s["recall"] <= 1):
+        raise ConfigError(
+            f"synthetic-lifelong: focus and recall must be >= 0 with focus + recall <= 1; got {s['focus']}, {s['recall']}"
+        )
 
 
 # ---- the truth, for a prepared store ----------------------------------------------------------
@@ -235,7 +260,21 @@ def _settings(store) -> dict:
     source = store.manifest.get("source", {})
     if source.get("generator") != "r2led.data.sources.lifelong":
         raise DataError(f"{store.root} was not prepared from synthetic-lifelong (source: {source.get('generator')!r})")
-    keys = ("users", "length", "items", "seed", "topics", "interests", "burst", "focus", "recall", "gap", "zipf", "days", "min_length")
+    keys = (
+        "users",
+        "length",
+        "items",
+        "seed",
+        "topics",
+        "interests",
+        "burst",
+        "focus",
+        "recall",
+        "gap",
+        "zipf",
+        "days",
+        "min_length",
+    )
     return {k: (tuple(source[k]) if k == "topics" else source[k]) for k in keys}
 
 
@@ -256,7 +295,7 @@ def true_click_probability(store) -> np.ndarray:
     item_keys = store.items["key"].cast(pl.Int64).to_numpy()
     item_of_key = np.zeros(int(item_keys.max()) + 1, dtype=np.int64)
     item_of_key[item_keys] = np.arange(1, len(item_keys) + 1)
-    for i, (lo, hi) in enumerate(zip(blocks[:-1], blocks[1:])):
+    for i, (lo, hi) in enumerate(zip(blocks[:-1], blocks[1:], strict=False)):
         frame, p = _block(w, int(lo), int(hi), i, s["seed"], s["burst"], s["focus"], s["recall"], s["gap"], s["days"])
         u = row_of_key[frame["user"].cast(pl.Int64).to_numpy()]
         it = item_of_key[frame["item"].cast(pl.Int64).to_numpy()]

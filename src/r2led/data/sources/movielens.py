@@ -13,9 +13,9 @@ dropped (``CanonicalTables.drop_duplicates``).
 
 from __future__ import annotations
 
-import polars as pl
-
 from pathlib import Path
+
+import polars as pl
 
 from r2led.data.sources.atomic import read_atomic
 from r2led.data.sources.checks import LINE, RowCheck, raise_first_failure, time_checks
@@ -56,7 +56,9 @@ def _interactions(df: pl.DataFrame, path: Path, name: str) -> pl.DataFrame:
         RowCheck("user_id", pl.col("user_id").fill_null("") == "", "is empty"),
         RowCheck("item_id", pl.col("item_id").fill_null("") == "", "is empty"),
         RowCheck("rating", ~rating.is_finite().fill_null(False), "must be a finite number", pl.col("rating")),
-        RowCheck("rating", ((rating < 1) | (rating > 5)).fill_null(False), "must be a rating from 1 to 5", pl.col("rating")),
+        RowCheck(
+            "rating", ((rating < 1) | (rating > 5)).fill_null(False), "must be a rating from 1 to 5", pl.col("rating")
+        ),
         *time_checks("timestamp", pl.col("_ts"), pl.col("timestamp")),
     ]
     # line 1 is the header
@@ -80,7 +82,9 @@ def load_ml1m(path: str | Path | None = None) -> CanonicalTables:
     ``path``: a folder with ``ml-1m.inter/.item/.user`` to read instead of the packaged copy.
     """
     files = _files(ML1M, path)
-    inter = _interactions(read_atomic(files["inter"], ["user_id", "item_id", "rating", "timestamp"]), files["inter"], "ml-1m")
+    inter = _interactions(
+        read_atomic(files["inter"], ["user_id", "item_id", "rating", "timestamp"]), files["inter"], "ml-1m"
+    )
     items = read_atomic(files["item"], ["item_id", "movie_title", "release_year", "genre"])
     year = pl.col("release_year").str.replace(r"\.0$", "")
     items = items.select(
@@ -106,7 +110,9 @@ def load_ml100k(path: str | Path | None = None) -> CanonicalTables:
     ``path``: a folder with ``ml-100k.inter/.item/.user`` to read instead of the packaged copy.
     """
     files = _files(ML100K, path)
-    inter = _interactions(read_atomic(files["inter"], ["user_id", "item_id", "rating", "timestamp"]), files["inter"], "ml-100k")
+    inter = _interactions(
+        read_atomic(files["inter"], ["user_id", "item_id", "rating", "timestamp"]), files["inter"], "ml-100k"
+    )
     items = read_atomic(files["item"], ["item_id", "movie_title", "release_year", "class"])
     items = items.select(
         pl.col("item_id").alias("item"),
@@ -145,6 +151,6 @@ def _age_group(age: pl.Expr, breaks: list[int]) -> pl.Expr:
     """Right-closed age buckets labelled as polars' ``cut`` labelled them ("(17, 24]"), null
     for a missing age; written out because ``cut`` is deprecated."""
     edges = ["-inf", *map(str, breaks), "inf"]
-    labels = {i: f"({lo}, {hi}]" for i, (lo, hi) in enumerate(zip(edges, edges[1:]))}
+    labels = {i: f"({lo}, {hi}]" for i, (lo, hi) in enumerate(zip(edges, edges[1:], strict=False))}
     bucket = pl.sum_horizontal([(age > b).cast(pl.Int32) for b in breaks])
     return pl.when(age.is_null()).then(None).otherwise(bucket.replace_strict(labels, return_dtype=pl.String))

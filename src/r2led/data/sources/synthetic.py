@@ -82,7 +82,7 @@ def load_synthetic(
     blocks = _user_blocks(world.lens)
 
     def frames() -> Iterator[pl.DataFrame]:
-        for b, (lo, hi) in enumerate(zip(blocks[:-1], blocks[1:])):
+        for b, (lo, hi) in enumerate(zip(blocks[:-1], blocks[1:], strict=False)):
             yield _behaviour_block(world, int(lo), int(hi), b, seed, *params)
 
     item_table = topic_item_table(world.rng, world.item_leaf, topics)
@@ -204,12 +204,29 @@ def _world(users, length, items, seed, topics, zipf, interests, min_length) -> _
     win_start = rng.uniform(0.0, 0.6, size=users)
     win_len = rng.uniform(0.2, 1.0, size=users) * (1.0 - win_start)
     return _World(
-        rng, n_leaf, leaf_sub, leaf_top, by_leaf, leaf_cdf, quality, leaf_weight, leaf_pop_cdf, item_leaf,
-        lens, base, slot_cdf, main_leaf, user_bias, win_start, win_len,
+        rng,
+        n_leaf,
+        leaf_sub,
+        leaf_top,
+        by_leaf,
+        leaf_cdf,
+        quality,
+        leaf_weight,
+        leaf_pop_cdf,
+        item_leaf,
+        lens,
+        base,
+        slot_cdf,
+        main_leaf,
+        user_bias,
+        win_start,
+        win_len,
     )
 
 
-def _behaviour_block(w: _World, a: int, b: int, block: int, seed: int, drift, explore, segment, noise, days) -> pl.DataFrame:
+def _behaviour_block(
+    w: _World, a: int, b: int, block: int, seed: int, drift, explore, segment, noise, days
+) -> pl.DataFrame:
     """Interactions of users ``a .. b-1``, from the block's own random stream."""
     rng = np.random.default_rng([seed, 1, block])
     users = b - a
@@ -290,8 +307,14 @@ def _check(users, length, items, topics, zipf, interests, drift, explore, segmen
     if len(topics) != 3 or min(topics) < 1:
         raise ConfigError(f"topics must be three positive counts (top, sub, leaf); got {topics}")
     n_leaves = topics[0] * topics[1] * topics[2]
-    for name, value, low in (("users", users, 1), ("length", length, 1), ("interests", interests, 1),
-                             ("segment", segment, 1), ("days", days, 1), ("min_length", min_length, 1)):
+    for name, value, low in (
+        ("users", users, 1),
+        ("length", length, 1),
+        ("interests", interests, 1),
+        ("segment", segment, 1),
+        ("days", days, 1),
+        ("min_length", min_length, 1),
+    ):
         if value < low:
             raise ConfigError(f"synthetic: {name} must be >= {low}; got {value}")
     if items < n_leaves:
@@ -379,10 +402,20 @@ def topic_item_table(rng: np.random.Generator, item_leaf: np.ndarray, topics: tu
     )
     text = pl.concat_str(
         [
-            pl.lit("topic "), pl.col("top"), pl.lit(" / sub "), pl.col("sub"), pl.lit(" / leaf "), pl.col("leaf"),
-            pl.lit(" | item "), pl.col("item"), pl.lit(" | "),
+            pl.lit("topic "),
+            pl.col("top"),
+            pl.lit(" / sub "),
+            pl.col("sub"),
+            pl.lit(" / leaf "),
+            pl.col("leaf"),
+            pl.lit(" | item "),
+            pl.col("item"),
+            pl.lit(" | "),
             pl.concat_str([pl.col(f"w{j}") for j in range(len(words))], separator=" "),
-            pl.lit(" | "), pl.col("o0"), pl.lit(" "), pl.col("o1"),
+            pl.lit(" | "),
+            pl.col("o0"),
+            pl.lit(" "),
+            pl.col("o1"),
         ]
     )
     return df.select(

@@ -69,7 +69,10 @@ def load_taobao(path: str | Path) -> CanonicalTables:
     seconds = pl.col("timestamp").cast(pl.Int64, strict=False)
     checks = [
         *[RowCheck(c, pl.col(c).fill_null("") == "", "is empty") for c in COLUMNS],
-        *[RowCheck(c, ~pl.col(c).str.contains(r"^[0-9]+$"), "must be an integer id") for c in ("user", "item", "category")],
+        *[
+            RowCheck(c, ~pl.col(c).str.contains(r"^[0-9]+$"), "must be an integer id")
+            for c in ("user", "item", "category")
+        ],
         RowCheck("behavior", not_in("behavior", list(BEHAVIORS)), f"must be one of {sorted(BEHAVIORS)}"),
         *time_checks("timestamp", seconds),
     ]
