@@ -373,6 +373,74 @@ def test_service_errors_are_short_and_name_the_bad_value(client):
     assert big.status_code == 404 and big.text.count("w") <= 45
 
 
+SCORE_BODIES = [  # (body, handled by ScoreRoute itself)
+    (b'{"user": "u1", "candidates": ["i1", "i2", "i1"]}', True),
+    (b'{"candidates": ["i3"], "user": "u1"}', True),
+    (b'{"user": "u1", "candidates": [7, "i2"]}', True),  # an integer key: unknown "7", 404
+    (b'{"user": "u1", "candidates": ["i1", "nope"]}', True),  # 404
+    (b'{"user": "nobody", "candidates": ["i1"]}', True),  # 404
+    (b'{"user": "u1", "user": "u2", "candidates": ["i1"]}', True),  # the last duplicate wins, as in json
+    ('{"user": "u1", "candidates": ["i1", "' + "x" * 64 + '"]}', True),  # the longest key: 404
+    (b'{"user": "u1", "candidates": [7.0]}', False),  # a float key: the FastAPI route
+    (b'{"user": "u1", "candidates": [2.5]}', False),
+    (b'{"user": "u1", "candidates": [true]}', False),
+    (b'{"user": "u1", "candidates": [null]}', False),
+    (b'{"user": "u1", "candidates": [""]}', False),
+    (b'{"user": "u1", "candidates": []}', False),
+    (b'{"user": "u1", "candidates": ["i1", ["i2"]]}', False),
+    ('{"user": "u1", "candidates": ["' + "x" * 65 + '"]}', False),
+    ('{"user": "' + "u" * 65 + '", "candidates": ["i1"]}', False),
+    (b'{"user": "", "candidates": ["i1"]}', False),
+    (b'{"user": 5, "candidates": ["i1"]}', False),
+    (b'{"user": "u1"}', False),
+    (b'{"user": "u1", "candidates": ["i1"], "extra": 1}', False),
+    (b'{"user": "u1", "candidates": "i1"}', False),
+    (b'["u1", ["i1"]]', False),
+    (b'{"user": "u1", "candidates": [NaN]}', False),
+    (b'{"user": "u1", "candidates": [123456789012345678901234567890]}', False),
+    (b'{"user": "u1", "candidates": ["\\ud800"]}', False),  # a lone surrogate: json takes it, orjson not
+    (b'{"user": "u1", "candidates": ["i1"]', False),
+    (b"\xff\xfe{", False),
+    (b"", False),
+]
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain"])
+def test_the_score_route_answers_as_the_fastapi_route_does(service, content_type):
+    """ScoreRoute answers well-formed bodies itself and hands every other one to FastAPI; both
+    give the same status, the same JSON and the same scores."""
+    from r2led.serve.guards import Guards
+
+    limits = Limits(max_candidates=3, max_key_length=64)
+    service.set_history("u1", ["i2", "i6", "i10"], [5, 4, 5])
+    guarded = create_app(service, limits)
+    route = guarded.app
+    fastapi_app, passed_on = route.app, []
+
+    async def counting(scope, receive, send):
+        passed_on.append(scope["type"] == "http")
+        await fastapi_app(scope, receive, send)
+
+    route.app = counting
+    headers = {"content-type": content_type}
+    statuses = set()
+    with TestClient(guarded) as fast, TestClient(Guards(fastapi_app, None, limits.max_body_bytes)) as direct:
+        for body, handled in SCORE_BODIES:
+            passed_on.clear()
+            a = fast.post("/score", content=body, headers=headers)
+            assert passed_on == ([] if handled and content_type == "application/json" else [True]), body
+            b = direct.post("/score", content=body, headers=headers)
+            got, expected = a.json(), b.json()
+            got.pop("latency_ms", None), expected.pop("latency_ms", None)
+            assert (a.status_code, got) == (b.status_code, expected), body
+            assert a.headers["content-type"] == b.headers["content-type"] == "application/json", body
+            assert ("server-timing" in a.headers) == ("server-timing" in b.headers) == (a.status_code == 200)
+            statuses.add(a.status_code)
+    # every class of answer was compared: scores, unknown keys, bad values, a body that is not JSON
+    # (another content type is not read as JSON: 422)
+    assert statuses == ({200, 400, 404, 422} if content_type == "application/json" else {422})
+
+
 def test_an_unexpected_long_field_name_is_not_echoed_back(client):
     key = "k" * 5000  # pydantic puts an unexpected field's name into the error location
     r = client.put("/users/u1/history", json={"events": [], key: 1})

@@ -92,6 +92,53 @@ def test_concurrent_appends_to_one_user_are_all_kept_in_order(store_spec, model)
     assert service.users.state("hot").items.tolist() == model.item_ids(items).tolist()
 
 
+def fresh_scores(service, user: str, candidates: list[str]) -> np.ndarray:
+    """The user's scores from a request state built anew from what the store holds."""
+    items, signals = service.history(user)
+    model = service.scoring
+    codes = model.feature_codes(user, service.store.load(user).features)
+    return model.score(-1, codes, model.item_ids(items), np.asarray(signals), model.item_ids(candidates))
+
+
+def test_an_append_updates_the_kept_state_and_scores_like_a_fresh_one(store_spec, model):
+    service = ScoringService(model, open_store(store_spec, model.t_max))
+    rng = np.random.default_rng(3)
+    keys, candidates = model.item_keys, model.item_keys[:40]
+    start = rng.integers(0, len(keys), model.t_max - 6)  # 6 short of t_max: the appends go past it
+    service.set_history("u", [keys[i] for i in start], rng.integers(1, model.signal_max + 1, len(start)).tolist())
+    service.score("u", candidates)  # loads the user: its request state, and the model's index in it
+    kept, loads, length = service.users.state("u"), service.users.loads, len(start)
+    for n in (1, 3, 1, 5, 2):  # repeated and new items; the oldest leave the window from the 3rd append
+        picks = rng.integers(0, len(keys), n)
+        service.append("u", [keys[i] for i in picks], rng.integers(1, model.signal_max + 1, n).tolist())
+        length = min(length + n, model.t_max)
+        served = service.score("u", candidates)
+        assert service.users.state("u") is kept and service.users.loads == loads  # updated in place, no reload
+        assert served.history_length == length == len(service.history("u")[0])
+        np.testing.assert_array_equal(served.scores, fresh_scores(service, "u", candidates))
+    assert len(kept.request) == model.t_max and kept.seq == service.store.seq("u")
+    assert kept.items.tolist() == model.item_ids(service.history("u")[0]).tolist()
+
+
+def test_concurrent_appends_keep_the_kept_state_in_the_stores_order(store_spec, model):
+    service = ScoringService(model, open_store(store_spec, model.t_max))
+    service.set_history("hot", ["i1"], [1])
+    kept = service.users.state("hot")
+    keys = model.item_keys
+
+    def worker(t: int):
+        for j in range(10):
+            service.append("hot", [keys[(7 * t + j) % len(keys)], keys[j]], [1 + t % model.signal_max, 2])
+
+    pool = [threading.Thread(target=worker, args=(t,)) for t in range(6)]
+    [p.start() for p in pool]
+    [p.join() for p in pool]
+    assert service.users.state("hot") is kept and kept.seq == service.store.seq("hot") == 1 + 6 * 10 * 2
+    items, signals = service.history("hot")
+    assert kept.items.tolist() == model.item_ids(items).tolist() and kept.signals.tolist() == signals
+    np.testing.assert_array_equal(service.score("hot", keys[:30]).scores, fresh_scores(service, "hot", keys[:30]))
+
+
 def test_idle_users_leave_memory_and_reload_with_the_same_scores(model, tmp_path):
     service = ScoringService(model, open_store(str(tmp_path / "h.db"), model.t_max), max_users_in_memory=2)
     for u in ("a", "b", "c"):

@@ -87,7 +87,8 @@ def serve(
         console.print(f"preloaded the histories of {n:,} users from {preload} into {store}")
     keys = "API keys required" if api_key_file else "no API keys (open to anyone who can connect)"
     console.print(
-        f"serving {bundle} on http://{host}:{port} ({workers} worker{'s' if workers > 1 else ''}, store {store}, {keys})"
+        f"serving {bundle} on http://{host}:{port} "
+        f"({workers} worker{'s' if workers > 1 else ''}, store {store}, {keys})"
     )
     server.run(cfg, host, port, workers)
 

@@ -37,7 +37,8 @@ def read_manifest(path: str | Path) -> dict:
     manifest = _read_json(path / MANIFEST)
     if manifest.get("format") != BUNDLE_FORMAT or not isinstance(manifest.get("files"), dict):
         raise BundleError(
-            f"{path} is a format {manifest.get('format')} export without file hashes; export the run again with this r2led"
+            f"{path} is a format {manifest.get('format')} export without file hashes; "
+            "export the run again with this r2led"
         )
     return manifest
 
@@ -53,7 +54,8 @@ def verify_files(path: Path, manifest: dict) -> None:
             raise BundleError(f"{path} is incomplete: {name} is missing")
         if sha256_file(file) != expected:
             raise BundleError(
-                f"{file} does not match its sha256 in {MANIFEST} (changed or damaged after export); export the run again"
+                f"{file} does not match its sha256 in {MANIFEST} (changed or damaged after export); "
+                "export the run again"
             )
 
 
@@ -120,7 +122,8 @@ def check_data_fingerprint(manifest: dict, data: str | Path) -> None:
     now = fingerprint_data(data)
     if recorded != now:
         raise DataError(
-            f"the data {data} is not what this model was trained on (manifest sha {str(recorded)[:12]}… → {now[:12]}…); "
+            f"the data {data} is not what this model was trained on "
+            f"(manifest sha {str(recorded)[:12]}… → {now[:12]}…); "
             "preload from the data folder the run used, or export a run trained on this one"
         )
 

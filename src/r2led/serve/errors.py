@@ -37,7 +37,8 @@ class UnknownUserError(ScoringInputError):
     def __init__(self, key: str):
         self.key = key
         super().__init__(
-            f"unknown user {clip(key)}: not in the exported user table and no history stored; PUT its history (or POST an event) first"
+            f"unknown user {clip(key)}: not in the exported user table and no history stored; "
+            "PUT its history (or POST an event) first"
         )
 
 

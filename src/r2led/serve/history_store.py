@@ -62,14 +62,3 @@ class HistoryStore(Protocol):
 
     def close(self) -> None:
         """Release connections."""
-
-
-def open_store(spec: str, t_max: int) -> HistoryStore:
-    """Open the store named by ``spec``: ``redis://host:port/db`` or a SQLite file path."""
-    if spec.startswith(("redis://", "rediss://", "unix://")):
-        from r2led.serve.store_redis import RedisHistoryStore
-
-        return RedisHistoryStore(spec, t_max)
-    from r2led.serve.store_sqlite import SqliteHistoryStore
-
-    return SqliteHistoryStore(spec, t_max)

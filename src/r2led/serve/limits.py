@@ -40,6 +40,7 @@ def read_api_keys(path: str | Path) -> frozenset[str]:
     short = [k for k in keys if len(k) < 16]
     if short:
         raise ConfigError(
-            f"the API key file {path} holds a key of {len(short[0])} characters; use at least 16 (e.g. `openssl rand -hex 24`)"
+            f"the API key file {path} holds a key of {len(short[0])} characters; "
+            "use at least 16 (e.g. `openssl rand -hex 24`)"
         )
     return keys

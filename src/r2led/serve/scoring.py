@@ -5,10 +5,10 @@ user table's features and the feature vocabularies. It holds no histories: those
 history store (``r2led.serve.history_store``) and, while a user is active, in the
 ``UserHistories`` cache (``r2led.serve.user_cache``).
 
-``ScoringModel.score`` is the single place where the service calls the model: one user's
-history (T,) x C candidates -> C click probabilities, through the model's request API
-(``model.new_user_state`` once per cached copy of a user's history, kept in
-``UserState.kept``; ``model.score_request`` per request).
+``ScoringModel.score_state`` is the single place where the service calls the model: one user's
+request state x C candidates -> C click probabilities, through the model's request API
+(``new_state``: ``model.new_user_state`` once per user loaded into memory, then appended to;
+``model.score_request`` per request).
 """
 
 from __future__ import annotations
@@ -117,33 +117,28 @@ class ScoringModel:
         return codes
 
     # ---- the model call ---------------------------------------------------------------------
-    def score(
-        self,
-        user_row: int,
-        feats: np.ndarray,
-        items: np.ndarray,
-        signals: np.ndarray,
-        target: np.ndarray,
-        kept: dict | None = None,
-    ) -> np.ndarray:
-        """Click probabilities (C,) float64 of ``target`` (C,) item ids for one user: table row
-        ``user_row`` (-1: none; the models score from the feature codes), feature codes ``feats``
-        (F,), history ``items``/``signals`` (T,) item ids and signals, most recent last (T may be 0).
+    def new_state(self, items: np.ndarray, signals: np.ndarray, feats: np.ndarray):
+        """The model's request state (``r2led.models.user_state.UserState``) of one user: history
+        ``items``/``signals`` (T,) item ids and signals, most recent last (T may be 0), feature
+        codes ``feats`` (F,); it keeps the most recent ``t_max``. Build it once per user and
+        ``append`` to it; the model's per-user index is built on its first request."""
+        return self.model.new_user_state(items, signals, feats, max_length=self.t_max)
 
-        The one place the service calls the model: its request API (``model.new_user_state`` and
-        ``model.score_request``, see ``r2led.models.user_state``), exact to the batch path.
-        ``kept``: a dict kept with this copy of the user's history; the model's user state (and the
-        per-user index each model builds in it) is kept there, so a repeated request does not
-        rebuild it. Without it the state is built inside the request (cold).
-        """
-        state = kept.get("request_state") if kept is not None else None
-        if state is None:
-            state = self.model.new_user_state(items, signals, feats, max_length=self.t_max)
-            if kept is not None:
-                kept["request_state"] = state
+    def score_state(self, state, target: np.ndarray) -> np.ndarray:
+        """Click probabilities (C,) float64 of ``target`` (C,) item ids for the user of
+        ``state`` (``new_state``): the one place the service calls the model, through its
+        request API (``model.score_request``, exact to the batch path)."""
         with self._model_lock:
             logits = self.model.score_request(state, target)  # (C,)
         return torch.sigmoid(logits).double().numpy()
+
+    def score(
+        self, user_row: int, feats: np.ndarray, items: np.ndarray, signals: np.ndarray, target: np.ndarray
+    ) -> np.ndarray:
+        """Click probabilities (C,) of ``target`` (C,) for a history given whole (cold: the state
+        is built inside the call). ``user_row`` is the user's row in the exported table (-1:
+        none); the models score from the feature codes ``feats`` (F,)."""
+        return self.score_state(self.new_state(items, signals, feats), target)
 
     def warm_up(self) -> float:
         """One throw-away request (a one-behaviour history, two candidates, no user) so that the

@@ -2,7 +2,7 @@
 
 ``ScoringService`` checks a request's values against the model (item keys, signal range,
 feature names, candidate count), keeps histories through ``UserHistories`` and scores through
-``ScoringModel.score``. It is thread-safe; several processes may share its store.
+``ScoringModel.score_state``. It is thread-safe; several processes may share its store.
 
 Users: a user is *known* when it has a row in the exported user table or a record in the store.
 Scoring an unknown user raises ``UnknownUserError`` (HTTP 404) rather than silently scoring a
@@ -120,11 +120,13 @@ class ScoringService:
         unknown = np.flatnonzero(self.scoring.lookup_items(keys) == 0)
         if len(unknown):
             raise DataError(
-                f"{store.root}: item key {keys[unknown[0]]!r} is not in the exported model ({len(unknown)} unknown items)"
+                f"{store.root}: item key {keys[unknown[0]]!r} is not in the exported model "
+                f"({len(unknown)} unknown items)"
             )
         if int(store.manifest["signal_max"]) > self.scoring.signal_max:
             raise DataError(
-                f"{store.root}: signals up to {store.manifest['signal_max']} but the model takes 1..{self.scoring.signal_max}"
+                f"{store.root}: signals up to {store.manifest['signal_max']} "
+                f"but the model takes 1..{self.scoring.signal_max}"
             )
         offsets = np.asarray(store.offsets)
         records = {}
@@ -150,14 +152,13 @@ class ScoringService:
             )
         target = self.scoring.item_ids([str(k) for k in candidates])  # (C,)
         state = self.users.state(user)
-        kept = None
         if state is None:
             if not self.scoring.in_user_table(user):
                 raise UnknownUserError(user)
-            items = signals = np.zeros(0, np.int64)
-            codes = self.scoring.feature_codes(user, {})
+            empty = np.zeros(0, np.int64)
+            request = self.scoring.new_state(empty, empty, self.scoring.feature_codes(user, {}))
         else:
-            items, signals, codes, kept = state.items, state.signals, state.feature_codes, state.kept
+            request = state.request
         wall, cpu = time.perf_counter(), time.thread_time()
-        scores = self.scoring.score(self.scoring.user_row(user), codes, items, signals, target, kept=kept)
-        return Scored(scores, len(items), time.perf_counter() - wall, time.thread_time() - cpu)
+        scores = self.scoring.score_state(request, target)
+        return Scored(scores, len(request), time.perf_counter() - wall, time.thread_time() - cpu)

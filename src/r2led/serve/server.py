@@ -40,9 +40,9 @@ def build_app(cfg: ServeConfig):
     import torch
 
     from r2led.serve.bundle_load import load_bundle
-    from r2led.serve.history_store import open_store
     from r2led.serve.scoring_service import ScoringService
     from r2led.serve.service import create_app
+    from r2led.serve.stores import open_store
 
     torch.set_num_threads(cfg.threads)
     limits = Limits(**cfg.limits)
@@ -74,8 +74,8 @@ def preload(cfg: ServeConfig, data: str | Path) -> int:
     checking that the folder is the data the bundle's run was trained on."""
     from r2led.data.store import LifelongStore
     from r2led.serve.bundle_load import check_data_fingerprint, load_bundle, read_manifest
-    from r2led.serve.history_store import open_store
     from r2led.serve.scoring_service import ScoringService
+    from r2led.serve.stores import open_store
 
     check_data_fingerprint(read_manifest(cfg.bundle), data)
     scoring = load_bundle(cfg.bundle)
@@ -91,16 +91,22 @@ def run(cfg: ServeConfig, host: str, port: int, workers: int) -> None:
     import uvicorn
 
     if workers == 1:
-        uvicorn.run(build_app(cfg), host=host, port=port, log_level="warning")
+        uvicorn.run(build_app(cfg), host=host, port=port, log_level="warning", access_log=False)
     else:
         # check what the workers will open, so a bad bundle or store is one line here, not N tracebacks
         from r2led.serve.bundle_load import read_manifest, verify_files
-        from r2led.serve.history_store import open_store
+        from r2led.serve.stores import open_store
 
         manifest = read_manifest(cfg.bundle)
         verify_files(Path(cfg.bundle), manifest)
         open_store(cfg.store, int(manifest["t_max"])).close()
         os.environ[ENV] = cfg.model_dump_json()
         uvicorn.run(
-            "r2led.serve.server:app_from_env", factory=True, host=host, port=port, workers=workers, log_level="warning"
+            "r2led.serve.server:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level="warning",
+            access_log=False,  # a log line per request costs CPU; errors are still logged
         )

@@ -16,12 +16,13 @@ stateful test, follow a user from its history to its scores.
 
 ``/score`` answers with a ``Server-Timing`` header, ``model;dur=<ms>, model-cpu;dur=<ms>``: the
 model's wall and CPU time for the request (the load test splits the server's CPU with it).
-Routes are plain functions: FastAPI runs them in its thread pool; the service is thread-safe.
+A well-formed ``/score`` is answered by ``ScoreRoute`` (``r2led.serve.score_route``) without
+the FastAPI layers, exactly as its route would; everything else goes through FastAPI.
+Other routes are plain functions: FastAPI runs them in its thread pool; the service is
+thread-safe.
 """
 
-import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
 import orjson
@@ -36,6 +37,7 @@ from r2led import __version__
 from r2led.serve.errors import ECHO_CHARS, ScoringInputError, UnknownItemError, UnknownUserError, clip
 from r2led.serve.guards import OPEN_PATHS, Guards
 from r2led.serve.limits import Limits
+from r2led.serve.score_route import ScoreRoute, score_answer
 from r2led.serve.scoring_service import ScoringService
 
 
@@ -116,7 +118,8 @@ def _models(service: ScoringService, limits: Limits):
         )
         features: Features = Field(
             None,
-            description="user feature values by name (others unchanged); a value outside the vocabulary is scored as unknown",
+            description="user feature values by name (others unchanged); "
+            "a value outside the vocabulary is scored as unknown",
         )
 
     class EventsBody(BaseModel):
@@ -182,14 +185,14 @@ class Health(BaseModel):
 
 
 def create_app(service: ScoringService, limits: Limits | None = None, api_keys: frozenset[str] | None = None) -> Guards:
-    """The HTTP app for ``service`` (an ASGI app: the FastAPI app, as ``.app``, behind ``Guards``);
+    """The HTTP app for ``service``: an ASGI app, ``Guards`` (keys, body cap) in front of
+    ``ScoreRoute`` (well-formed ``POST /score``, as ``.app``) in front of the FastAPI app (``.app.app``);
     with ``api_keys`` every path but /health needs one."""
     limits = limits or Limits(max_candidates=service.max_candidates)
     keyed = bool(api_keys)
     Event, HistoryBody, EventsBody, ScoreBody, UserKey = _models(service, limits)
     UserPath = Annotated[str, Path(min_length=1, max_length=limits.max_key_length, description="user key")]
     app = FastAPI(title="r2led scoring", version=__version__, default_response_class=OrjsonResponse)
-    scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="r2led-score")
     app.state.service = service
 
     @app.exception_handler(UnknownItemError)
@@ -296,25 +299,15 @@ def create_app(service: ScoringService, limits: Limits | None = None, api_keys: 
 
     @app.post("/score", response_model=Scores, operation_id="score", responses=_errors(keyed, 400, 401, 404, 413, 422))
     async def score(body: ScoreBody):
-        # one scoring thread, fed in arrival order: the model runs one request at a time anyway
-        # (ScoringModel holds a lock), and one thread keeps the event loop free without 40 pool
-        # threads contending for the GIL and the lock
-        scored = await asyncio.get_running_loop().run_in_executor(
-            scorer, service.score, body.user, [str(k) for k in body.candidates]
-        )
-        wall, cpu = scored.model_wall_s * 1000, scored.model_cpu_s * 1000
-        return OrjsonResponse(
-            {
-                "user": body.user,
-                "scores": scored.scores,
-                "history_length": scored.history_length,
-                "latency_ms": round(wall, 3),
-            },
-            headers={"server-timing": f"model;dur={wall:.3f}, model-cpu;dur={cpu:.3f}"},
-        )
+        # a well-formed request is answered by ScoreRoute before it gets here; this route
+        # answers the others (e.g. 7.0 as a key) the same way, and is what the schema describes.
+        # Scored on the event loop's thread, like ScoreRoute does (see r2led.serve.score_route)
+        scored = service.score(body.user, [str(k) for k in body.candidates])
+        answer, timing = score_answer(body.user, scored)
+        return Response(answer, media_type="application/json", headers={"server-timing": timing.decode()})
 
     app.openapi = lambda: _openapi(app, keyed)
-    return Guards(app, api_keys, limits.max_body_bytes)
+    return Guards(ScoreRoute(app, service, limits), api_keys, limits.max_body_bytes)
 
 
 def _where(loc) -> str:

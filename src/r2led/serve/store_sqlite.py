@@ -36,7 +36,8 @@ class SqliteHistoryStore:
         self.path, self.t_max = Path(path), int(t_max)
         if self.path.is_dir():
             raise HistoryStoreError(
-                f"--store {self.path} is a folder; give a file path for the SQLite history store (e.g. {self.path}/histories.db)"
+                f"--store {self.path} is a folder; give a file path for the SQLite history store "
+                f"(e.g. {self.path}/histories.db)"
             )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()

@@ -1,17 +1,17 @@
 """Users in memory: an LRU cache of per-user state in front of the history store.
 
-``UserHistories.state(user)`` returns the user's ``UserState`` (item ids, signals, feature
-codes), current with the store: it reads the user's change counter ``seq`` from the store (one
-cheap read) and reloads the record only when another process (a worker or a replica) changed
-it, or when the user was evicted. At most ``max_users`` users stay in memory; the least
-recently used leave first and reload from the store on their next request.
+``UserHistories.state(user)`` returns the user's ``UserState``, current with the store: it
+reads the user's change counter ``seq`` from the store (one cheap read) and reloads the record
+only when another process (a worker or a replica) changed it, or when the user was evicted. At
+most ``max_users`` users stay in memory; the least recently used leave first and reload from
+the store on their next request.
 
-Appends go to the store first (the durable, atomic step) and then update the cached state in
-place when nothing else changed the user in between; otherwise the cached copy is dropped.
-
-``UserState`` is where the models' per-user retrieval state will live once they expose it
-(built on load, updated on append); today it is the history arrays that ``ScoringModel.score``
-takes.
+A ``UserState`` holds the model's request state (``r2led.models.user_state``: the history
+window, the features, and the per-user index the model builds on its first request), built
+when the user is loaded. An append goes to the store first (the durable, atomic step), then,
+under the user's lock, into the kept request state with ``state.append`` (O(1) amortised per
+event, the model's index included) when nothing else changed the user in between; otherwise
+the cached copy is dropped and reloads on the next request.
 """
 
 from __future__ import annotations
@@ -22,23 +22,39 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from r2led.models.user_state import UserState as RequestState
 from r2led.serve.history_store import HistoryStore, StoredHistory
 from r2led.serve.scoring import ScoringModel
 
 
-@dataclass(frozen=True)
+@dataclass
 class UserState:
-    """One user's scoring inputs, as of store change ``seq``. Arrays are never changed in place."""
+    """One user in memory: the model's request state as of store change ``seq``.
+
+    ``seq`` and ``request`` change together, under ``lock``, when an append is applied in
+    place: the content is updated first and ``seq`` last, so a reader that sees ``seq`` sees at
+    least that content."""
 
     seq: int
-    items: np.ndarray  # (T,) int64 item ids, most recent last, T <= t_max
-    signals: np.ndarray  # (T,) int64
+    request: RequestState  # history window (T <= t_max), features, the model's index
     features: dict[str, str]  # feature values set through the API
-    feature_codes: np.ndarray  # (F,) int64
     skipped: int = 0  # stored items the model does not know (left out of scoring)
-    # the model's request state (``model.new_user_state``), built on the first score of this
-    # copy and kept with it; a newer store change builds a new UserState, and so a new one
-    kept: dict = field(default_factory=dict, compare=False, repr=False)
+    lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)  # appends
+
+    @property
+    def items(self) -> np.ndarray:
+        """(T,) item ids, most recent last (a view: valid until the next append)."""
+        return self.request.items
+
+    @property
+    def signals(self) -> np.ndarray:
+        """(T,) signals."""
+        return self.request.signals
+
+    @property
+    def feature_codes(self) -> np.ndarray:
+        """(F,) int64 feature codes."""
+        return self.request.features
 
 
 class UserHistories:
@@ -75,24 +91,19 @@ class UserHistories:
     def append(self, user: str, keys: list[str], ids: np.ndarray, signals: np.ndarray) -> tuple[int, int]:
         """Append events (already checked) to the store, then to the cached state; returns
         (seq, length)."""
-        seq, length = self.store.append(user, keys, [int(s) for s in signals])
         with self._lock:
             cached = self._cache.get(user)
-        if cached is not None and cached.seq == seq - len(keys):  # nothing else changed the user
-            t = self.store.t_max
-            self._put(
-                user,
-                UserState(
-                    seq,
-                    np.concatenate([cached.items, ids])[-t:],
-                    np.concatenate([cached.signals, signals])[-t:],
-                    cached.features,
-                    cached.feature_codes,
-                    cached.skipped,
-                ),
-            )
-        else:
-            self._drop(user)
+        if cached is None:
+            return self.store.append(user, keys, [int(s) for s in signals])
+        # the user's lock: this process's appends reach the kept state in the store's order
+        with cached.lock:
+            seq, length = self.store.append(user, keys, [int(s) for s in signals])
+            if cached.seq == seq - len(keys) and not cached.skipped:  # nothing else changed the user
+                with cached.request.lock:  # a request sees all of this append or none of it
+                    cached.request.extend(ids, signals)
+                cached.seq = seq
+                return seq, length
+        self._drop(user, cached)
         return seq, length
 
     def replace(
@@ -107,14 +118,9 @@ class UserHistories:
         ids = self.scoring.lookup_items(record.items)
         known = ids > 0
         signals = np.asarray(record.signals, dtype=np.int64)
-        return UserState(
-            record.seq,
-            ids[known],
-            signals[known],
-            record.features,
-            self.scoring.feature_codes(user, record.features),
-            int((~known).sum()),
-        )
+        codes = self.scoring.feature_codes(user, record.features)
+        request = self.scoring.new_state(ids[known], signals[known], codes)
+        return UserState(record.seq, request, record.features, int((~known).sum()))
 
     def _put(self, user: str, state: UserState) -> None:
         with self._lock:
@@ -126,6 +132,8 @@ class UserHistories:
             while len(self._cache) > self.max_users:
                 self._cache.popitem(last=False)
 
-    def _drop(self, user: str) -> None:
+    def _drop(self, user: str, only: UserState | None = None) -> None:
+        """Forget the user's cached state (with ``only``: if it is still that one)."""
         with self._lock:
-            self._cache.pop(user, None)
+            if only is None or self._cache.get(user) is only:
+                self._cache.pop(user, None)
