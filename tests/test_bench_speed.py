@@ -1,11 +1,13 @@
 """The speed benchmark (tiny runs, limits, reports) and R2LED's shared-history serving path."""
 
+import io
 import json
 from typing import Literal
 
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
 from r2led.bench.speed import (
     bench_model_config,
@@ -14,6 +16,7 @@ from r2led.bench.speed import (
     synthetic_catalogue,
     synthetic_histories,
 )
+from r2led.bench.speed_report import print_summary
 from r2led.errors import ConfigError
 from r2led.models.din import DIN, DinConfig
 from r2led.models.registry import MODELS
@@ -24,7 +27,9 @@ TINY = dict(candidates=8, repeats=2, train_batch=8, items=300, seed=0)
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("speed")
-    report = run_speed([50, 200], ["r2led", "din", "sim-hard", "eta"], out, strawman_max_t=50, **TINY)
+    report = run_speed(
+        [50, 200], ["r2led", "r2led[mha]", "r2led[lsh]", "din", "sim-hard", "eta"], out, strawman_max_t=50, **TINY
+    )
     return out, report
 
 
@@ -56,7 +61,15 @@ def test_tiny_run_writes_every_figure_per_model_mode_and_length(tiny_run):
     assert "din (batch path)" not in saved["results"]
     assert saved["results"]["floor"]["200"]["mode"] == "floor" and saved["results"]["floor"]["200"]["cpu_ms_p50"] > 0
     assert saved["machine"]["torch_threads"] == 2 and saved["machine"]["cpu"]
-    assert saved["command"].startswith("r2led bench speed --lengths 50,200 --models r2led,din,sim-hard,eta")
+    assert (
+        saved["results"]["floor[mha]"]["200"]["mode"] == "floor"
+        and saved["results"]["r2led[mha]"]["200"]["cpu_ms_p50"] > 0
+    )
+    assert saved["settings"]["model_configs"]["r2led[mha]"]["attention"] == "mha"
+    assert "floor[lsh]" not in saved["results"]  # the approximate index serves the default config: its floor
+    recall = saved["collaborative_recall"]["r2led[lsh]"]
+    assert recall["bands"] == 8 and all(0 < r <= 1 for r in recall["recall"].values())
+    assert saved["command"].startswith("r2led bench speed --lengths 50,200 --models r2led,r2led[mha],r2led[lsh],din")
     assert "checks" not in saved  # a report grades nothing
 
 
@@ -67,14 +80,18 @@ def test_markdown_gives_ratios_and_the_headline_without_verdicts(tiny_run):
     r2led_row = next(line for line in md.splitlines() if line.startswith("| r2led |"))
     assert r2led_row.count("(1.00x)") == 2
     res = report["results"]
-    head = next(line for line in md.splitlines() if line.startswith("| 200 |"))
-    ratio = res["r2led"]["200"]["cpu_ms_p50"] / res["sim-hard"]["200"]["cpu_ms_p50"]
-    floor = res["r2led"]["200"]["cpu_ms_p50"] / res["floor"]["200"]["cpu_ms_p50"]
-    assert f"| {ratio:.2f}x |" in head and f"| {floor:.2f}x |" in head
-    train = res["r2led"]["50"]["train_samples_per_s"] / res["sim-hard"]["50"]["train_samples_per_s"]
-    assert head and f"{train:.2f}x |" in next(line for line in md.splitlines() if line.startswith("| 50 |"))
+    for name, floor_name in (("r2led", "floor"), ("r2led[mha]", "floor[mha]")):
+        head = next(line for line in md.splitlines() if line.startswith(f"| 200 | {name} |"))
+        ratio = res[name]["200"]["cpu_ms_p50"] / res["sim-hard"]["200"]["cpu_ms_p50"]
+        floor = res[name]["200"]["cpu_ms_p50"] / res[floor_name]["200"]["cpu_ms_p50"]
+        assert f"| {ratio:.2f}x |" in head and f"| {floor:.2f}x |" in head
+        train = res[name]["50"]["train_samples_per_s"] / res["sim-hard"]["50"]["train_samples_per_s"]
+        assert f"{train:.2f}x |" in next(line for line in md.splitlines() if line.startswith(f"| 50 | {name} |"))
     assert "Targets" not in md and "**no**" not in md and "torch threads 2" in md and report["date"] in md
     assert "(batch path)" in md and "**cold**" in md
+    terminal = io.StringIO()
+    print_summary(report, Console(file=terminal, width=200))
+    assert "r2led[mha], T=200:" in terminal.getvalue()  # not eaten as a style tag
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

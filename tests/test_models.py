@@ -82,7 +82,7 @@ def test_retrieval_never_looks_at_or_past_the_sample(tiny_store, batch):
 def test_semantic_view_takes_prefix_matches_first(tiny_store, batch, disjoint):
     model = build(tiny_store, k=4, rho=1.0, disjoint_routes=disjoint).eval()
     index, taken = model.retrieve_routes(batch.target, batch.hist_items, batch.hist_mask)
-    tokens = model.items.tokens
+    tokens = model.items.prefix_tokens.__getitem__
     for b in range(len(batch)):
         t_tok = tokens(batch.target[b])
         free = batch.hist_mask[b].clone()  # disjoint routes: what the finer routes left

@@ -156,3 +156,76 @@ def test_ceil_quota():
     got, _ = retrieve(sim, match, k=20, rho=0.75)
     assert got == list(range(39, 19, -1))
     assert math.ceil(0.75 * 20) == 15
+
+
+# ---- the approximate collaborative index (banded LSH over the signatures) ----------------------
+def _random_index(seed, n_items=80, t=600, c=30):
+    from r2led.models.retrieval import prefix_ranks
+    from r2led.models.user_state import SignatureIndex
+
+    rng = np.random.default_rng(seed)
+    words = rng.integers(0, 2**63, (n_items + 1, 1)).astype(np.uint64) * np.uint64(2) + np.uint64(1)
+    coarse = rng.integers(0, 3, n_items + 1)
+    tokens = torch.from_numpy(np.stack([coarse, coarse * 10 + rng.integers(0, 2, n_items + 1)], 1))
+    rank, span = prefix_ranks(tokens)
+    hist = rng.integers(1, n_items + 1, t)
+    target = rng.integers(1, n_items + 1, c)
+    return SignatureIndex(hist, rank.numpy()), words, target, span.numpy()[target]
+
+
+def test_band_values_cut_each_word_into_its_bit_fields():
+    from r2led.models.signature_bands import band_values
+
+    sig = np.array([[0x0123456789ABCDEF, 0xFEDCBA9876543210]], dtype=np.uint64)
+    assert band_values(sig, 4)[:, 0].tolist() == [0x89ABCDEF, 0x01234567, 0x76543210, 0xFEDCBA98]
+    assert band_values(sig[:, :1], 8)[:, 0].tolist() == [0xEF, 0xCD, 0xAB, 0x89, 0x67, 0x45, 0x23, 0x01]
+    with pytest.raises(ValueError, match="equal bands"):
+        band_values(sig, 3)
+
+
+def test_signature_bands_grown_by_inserts_hold_the_buckets_of_a_fresh_build():
+    from r2led.models.signature_bands import SignatureBands
+
+    rng = np.random.default_rng(0)
+    sig = rng.integers(0, 16, (50, 1)).astype(np.uint64)  # few distinct band values: big buckets
+    grown = SignatureBands(sig[:5], 16)
+    for s in range(5, 50):
+        grown.insert(s, sig[s])
+    fresh = SignatureBands(sig, 16)
+    assert np.array_equal(grown.values, fresh.values)
+    targets = sig[rng.integers(0, 50, 7)]
+    for (lo_a, hi_a), (lo_b, hi_b) in zip(
+        zip(*grown.queries(targets), strict=True), zip(*fresh.queries(targets), strict=True), strict=True
+    ):
+        for b in range(16):
+            assert sorted(grown.slots[b, lo_a[b] : hi_a[b]]) == sorted(fresh.slots[b, lo_b[b] : hi_b[b]])
+            assert hi_a[b] > lo_a[b]  # every target is one of the items: its own bucket is never empty
+
+
+@pytest.mark.parametrize("disjoint", [True, False])
+def test_banded_routes_are_the_exact_routes_when_every_item_shares_a_band(disjoint):
+    """64 bands of 1 bit: an item misses every band only if it is the candidate's complement
+    (none here: every signature has its lowest bit set), so the banded search scores every
+    item and must give exactly the exact search's routes."""
+    index, words, target, span = _random_index(1)
+    exact = index.routes(words[target], words, 0, span, 5, 4, 2, disjoint)
+    banded = index.routes(words[target], words, 0, span, 5, 4, 2, disjoint, bands=64)
+    assert np.array_equal(exact[1], banded[1]) and np.array_equal(exact[0], banded[0])
+
+
+def test_banded_routes_keep_the_exact_semantic_matches_and_measure_their_recall():
+    """Few bands: approximate. Without disjoint routes each route's matches (the semantic view)
+    are exact; the collaborative fills come from fewer items, so the recall is below 1 and
+    every slot taken is a real behaviour of the history."""
+    from r2led.bench.speed_measure import route_recall
+
+    index, words, target, span = _random_index(2, n_items=400, t=3000, c=40)
+    k, quota = 6, 3
+    exact, n_exact = index.routes(words[target], words, 0, span, k, quota, 2, False)
+    banded, n_banded = index.routes(words[target], words, 0, span, k, quota, 2, False, bands=4)
+    taken = np.arange(k) < n_banded[..., None]
+    assert np.array_equal(banded[..., :quota][taken[..., :quota]], exact[..., :quota][taken[..., :quota]])
+    assert (n_banded <= n_exact).all() and (banded[taken] < 3000).all()
+    recall = route_recall(exact, n_exact, banded, n_banded)
+    assert 0.5 < recall < 1.0
+    assert route_recall(exact, n_exact, exact, n_exact) == 1.0

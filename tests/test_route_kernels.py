@@ -127,3 +127,23 @@ def test_compiled_batch_retrieval_is_the_tensor_retrieval(overrides):
         want, want_taken = model._retrieve_tensors(target, hist, mask)
         assert torch.equal(got_taken, want_taken) and torch.equal(got[got_taken], want[want_taken])
         assert not got_taken[0].any() and got_taken[1].sum() >= 2
+
+
+def test_rank_ordered_signatures_follow_appends_of_new_items():
+    """Built on a request, the signatures in rank order (and each slot's rank) are kept in
+    step by every append of a new item: the same as building them afresh."""
+    rng = np.random.default_rng(3)
+    rank = rng.permutation(40).astype(np.int64)
+    table = rng.integers(0, 2**63, (40, 2)).astype(np.uint64)
+    hist = rng.integers(1, 40, 300)
+    grown = SignatureIndex(hist[:5], rank)
+    grown.rank_signatures(table, 0)
+    for pos, item in enumerate(hist[5:].tolist(), start=5):
+        grown.append(pos, item, 1)
+    kept_sig, kept_rank = grown._rank_sig, grown._rank_of_slot
+    fresh = SignatureIndex(hist, rank)
+    want_sig, want_rank = fresh.rank_signatures(table, 0)
+    assert np.array_equal(kept_sig, want_sig)  # rows by rank: the same items in the same order
+    assert np.array_equal(grown.slot_item.view()[grown.order], fresh.slot_item.view()[fresh.order])
+    assert np.array_equal(kept_rank[grown.order], np.arange(len(grown.order)))  # the inverse of order
+    assert grown.rank_signatures(table, 0)[0] is kept_sig  # in step: not rebuilt

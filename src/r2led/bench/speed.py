@@ -54,13 +54,41 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
-from r2led.bench.speed_measure import FLOOR, MODES, Contender, Entry, Floor, Phase, calibrate, retrieval_float_check  # noqa: E402
+from r2led.bench.speed_measure import (
+    MODES,
+    Contender,
+    Entry,
+    Floor,
+    Phase,
+    calibrate,
+    collaborative_recall,
+    retrieval_float_check,
+)  # noqa: E402
 from r2led.bench.speed_report import _write_json, command_line, machine_info, print_summary, write_reports  # noqa: E402
-from r2led.bench.speed_workload import BRANCHING, REFERENCE, bench_model_config, make_workload, synthetic_catalogue  # noqa: E402
+from r2led.bench.speed_workload import (  # noqa: E402
+    BRANCHING,
+    REFERENCE,
+    SERVING_SWITCHES,
+    VARIANTS,
+    bench_model_config,
+    make_workload,
+    other_encoder,
+    r2led_floor_name,
+    synthetic_catalogue,
+)
 from r2led.errors import ConfigError  # noqa: E402
 from r2led.models.registry import MODELS, build_model  # noqa: E402
 
 STRAWMAN = ("r2led", "sim-hard", "eta")  # also timed through their batch path (the old way)
+
+
+def default_models() -> list[str]:
+    """Every registered model, and next to R2LED: its other per-route encoder and its
+    approximate collaborative index."""
+    names = list(MODELS)
+    names[names.index(REFERENCE) + 1 : names.index(REFERENCE) + 1] = [other_encoder(), "r2led[lsh]"]
+    return names
+
 
 # Re-exported: the tests import these from r2led.bench.speed.
 from r2led.bench.speed_measure import FloatTensorSizes, peak_allocated  # noqa: E402, F401
@@ -169,12 +197,14 @@ def _run(
     for name in models:
         torch.manual_seed(seed)
         model = build_model(bench_model_config(name), cat.spec, cat.sid)
+        for key, value in SERVING_SWITCHES.get(name, {}).items():
+            setattr(model, key, value)
         contenders.append(Contender(name, model, torch.optim.Adam(model.parameters(), lr=1e-3), "warm"))
         contenders.append(Contender(MODES["cold"].format(name), model, None, "cold"))
         if name in strawman:
             contenders.append(Contender(MODES["batch"].format(name), model, None, "batch", max_t=strawman_max_t))
-        if name == REFERENCE:
-            contenders.append(Contender(FLOOR, None, None, "floor", floor=Floor(model)))
+        if name == REFERENCE or VARIANTS.get(name, ("", {}))[1]:  # each R2LED config, its own floor
+            contenders.append(Contender(r2led_floor_name(name), None, None, "floor", floor=Floor(model)))
     results: dict[str, dict[str, Entry]] = {c.name: {str(t): Entry() for t in lengths} for c in contenders}
     n_requests = warmup + 1 + repeats
     serving = Phase("serving", warmup, repeats, memory_limit, time_limit)
@@ -193,6 +223,7 @@ def _run(
             _write_json(partial, out / "speed.json")  # a long run leaves its progress behind
     report = {"results": _results_dict(results), "data": data, "complete": True}
     report["retrieval_check"] = retrieval_float_check(contenders, cat, lengths, results, candidates, seed)
+    report["collaborative_recall"] = collaborative_recall(contenders, workloads)
     return report
 
 
@@ -206,9 +237,12 @@ def check_models(models: Sequence[str]) -> list[str]:
     models = list(dict.fromkeys(models))
     if not models:
         raise ConfigError("models: give at least one model name")
-    unknown = [m for m in models if m not in MODELS]
+    unknown = [m for m in models if m not in MODELS and m not in VARIANTS]
     if unknown:
-        raise ConfigError(f"models: unknown model(s) {', '.join(map(repr, unknown))}; registered: {', '.join(MODELS)}")
+        raise ConfigError(
+            f"models: unknown model(s) {', '.join(map(repr, unknown))}; "
+            f"registered: {', '.join(MODELS)}; variants: {', '.join(VARIANTS)}"
+        )
     return models
 
 

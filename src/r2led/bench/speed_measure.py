@@ -97,9 +97,15 @@ class Track:
         scale = t / self.t
         need = self.peak * scale
         if need > memory_limit:
-            return f"not run: needs ~{_gb(need)} GB > {_gb(memory_limit)} GB limit (extrapolated from {_mb(self.peak)} MB at T={self.t:,})"
+            return (
+                f"not run: needs ~{_gb(need)} GB > {_gb(memory_limit)} GB limit "
+                f"(extrapolated from {_mb(self.peak)} MB at T={self.t:,})"
+            )
         if self.seconds * scale > time_limit:
-            return f"not run: ~{self.seconds * scale:,.0f} s per call > {time_limit:g} s limit (extrapolated from {self.seconds:.2f} s at T={self.t:,})"
+            return (
+                f"not run: ~{self.seconds * scale:,.0f} s per call > {time_limit:g} s limit "
+                f"(extrapolated from {self.seconds:.2f} s at T={self.t:,})"
+            )
         return None
 
 
@@ -214,24 +220,20 @@ class Floor:
                 words = m._signature_words()
                 slot_sig = index.signatures(words, m.cache_generation)
                 positions, taken = m.request_routes(state, cand)
-                items, signals = m.serving_tables()
+                items, _ = m.serving_tables()
                 hist, sig = torch.from_numpy(state.items), torch.from_numpy(state.signals)
                 flat = positions.view(-1)
-                r_kv = (items[hist[flat]] + signals[sig[flat]]).view(*positions.shape, -1).contiguous()
+                r_rows = m.request_behaviours(m.route_attention, hist[flat], sig[flat])
                 n_s = min(m.cfg.short_len, len(state))
-                s_kv = (
-                    (items[hist[len(hist) - n_s :]] + signals[sig[len(hist) - n_s :]])
-                    .expand(len(cand), -1, -1)
-                    .contiguous()
-                )
+                s_rows = m.request_behaviours(m.short_attention, hist[len(hist) - n_s :], sig[len(hist) - n_s :])
                 user = m.request_user_repr(state, len(cand)).contiguous()
             self._inputs[key] = (
                 words[cands],
                 np.ascontiguousarray(slot_sig),
                 items[cand].contiguous(),
-                r_kv,
+                r_rows.view(*positions.shape, -1).contiguous(),
                 taken,
-                s_kv,
+                s_rows.contiguous(),
                 user,
             )
         return self._inputs[key]
@@ -239,14 +241,14 @@ class Floor:
     def call(self, work: Workload, i: int):
         from r2led.models import route_kernels
 
-        target_sig, slot_sig, target, r_kv, taken, s_kv, user = self.prepare(work, i)
+        target_sig, slot_sig, target, r_rows, taken, s_rows, user = self.prepare(work, i)
         m = self.model
         sims = np.empty(len(slot_sig), np.int64)
         route_kernels.scan_similarities(target_sig, slot_sig, sims)
         with torch.inference_mode():
-            routes, mass = m._serve_attention(m.route_attention, target, r_kv, taken, m.cfg.route_mass)
-            s_mask = torch.ones(s_kv.shape[:2], dtype=torch.bool)
-            r_short, _ = m._serve_attention(m.short_attention, target, s_kv, s_mask)
+            routes, mass = m._serve_attention(m.route_attention, target, r_rows, taken, m.cfg.route_mass)
+            s_mask = torch.ones(len(s_rows), dtype=torch.bool)
+            r_short, _ = m._serve_attention(m.short_attention, target, s_rows, s_mask)
             t = target[:, :-1]
             z = m.route_fusion(t, routes, taken.any(-1), mass)
             return m.head(torch.cat([user, t, z, r_short, t * z], dim=-1))
@@ -288,7 +290,7 @@ def calibrate(contenders: list[Contender], cat: Catalogue, candidates: int, batc
             c.model.eval()
         try:
             c.request(work, 0)  # compiles, fills caches
-            (_, peak), seconds = _timed(lambda: peak_allocated(lambda: c.request(work, 0)))
+            (_, peak), seconds = _timed(lambda c=c: peak_allocated(lambda: c.request(work, 0)))
             c.serve.t, c.serve.peak, c.serve.seconds = work.t, peak + c.state_bytes(work) * len(work.users), seconds
         except Exception as exc:  # noqa: BLE001 - the model is reported as not run, the others go on
             c.serve.stopped = _failure(exc, work.t)
@@ -297,7 +299,7 @@ def calibrate(contenders: list[Contender], cat: Catalogue, candidates: int, batc
             try:
                 train_step(c.model, c.optimizer, work.train)  # creates the optimizer state
                 (_, peak), seconds = _timed(
-                    lambda: peak_allocated(lambda: train_step(c.model, c.optimizer, work.train))
+                    lambda c=c: peak_allocated(lambda: train_step(c.model, c.optimizer, work.train))
                 )
                 c.train.t, c.train.peak, c.train.seconds = work.t, peak, seconds
             except Exception as exc:  # noqa: BLE001
@@ -458,7 +460,7 @@ class Phase:
         try:
             seconds = math.inf
             for i in range(self.warmup):  # first calls: caches, optimizer state
-                _, took = _timed(lambda: self.call(c, work, i))
+                _, took = _timed(lambda i=i: self.call(c, work, i))
                 seconds = min(seconds, took)
                 progress.advance(task)
                 if took > self.time_limit:
@@ -525,3 +527,45 @@ def retrieval_float_check(
         "candidates_x_t": candidates * t,
         "candidates_x_t_x_d": candidates * t * ref.model.cfg.dim,
     }
+
+
+def route_recall(exact: np.ndarray, n_exact: np.ndarray, approx: np.ndarray, n_approx: np.ndarray) -> float:
+    """Top-k recall of an approximate retrieval: of the behaviours the exact routes take
+    (positions (C, R, k), counts (C, R)), the share the approximate routes of the same
+    candidate take too (in any of its routes)."""
+    hits = total = 0
+    for c in range(len(exact)):
+        got = set(approx[c][np.arange(approx.shape[-1]) < n_approx[c][:, None]].tolist())
+        want = exact[c][np.arange(exact.shape[-1]) < n_exact[c][:, None]].tolist()
+        hits += sum(p in got for p in want)
+        total += len(want)
+    return hits / total if total else 1.0
+
+
+def collaborative_recall(contenders, workloads: dict, requests: int = 5) -> dict | None:
+    """Per T, the route recall (``route_recall``) of each R2LED contender with an approximate
+    collaborative index (``collaborative_bands``) against its own exact search, over the first
+    ``requests`` requests; None if no contender has one."""
+    out = {}
+    for c in contenders:
+        bands = getattr(c.model, "collaborative_bands", 0) if c.mode == "warm" else 0
+        if not bands:
+            continue
+        per_t = {}
+        for t, work in workloads.items():
+            recalls = []
+            for i in range(min(requests, len(work.requests))):
+                state, cands = work.state(i), torch.from_numpy(work.requests[i][3])
+                with torch.inference_mode():
+                    approx, a_taken = c.model.request_routes(state, cands)
+                    c.model.collaborative_bands = 0
+                    try:
+                        exact, e_taken = c.model.request_routes(state, cands)
+                    finally:
+                        c.model.collaborative_bands = bands
+                recalls.append(
+                    route_recall(exact.numpy(), e_taken.sum(-1).numpy(), approx.numpy(), a_taken.sum(-1).numpy())
+                )
+            per_t[str(t)] = float(np.mean(recalls))
+        out[c.name] = {"bands": bands, "recall": per_t}
+    return out or None

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from r2led.atomic import write_json_atomic
 from r2led.bench.speed_measure import FLOOR
-from r2led.bench.speed_workload import REFERENCE
+from r2led.bench.speed_workload import REFERENCE, VARIANTS, r2led_floor_name
 
 
 def machine_info(threads: int, load_before: tuple[float, float, float]) -> dict:
@@ -75,28 +76,37 @@ def _figure(results: dict, name: str, t: int, key: str) -> float | None:
     return results.get(name, {}).get(str(t), {}).get(key)
 
 
+def r2led_names(report: dict) -> list[str]:
+    """The R2LED contenders of a run (warm): the default config first, then its variants."""
+    return [n for n in report["results"] if n == REFERENCE or n in VARIANTS]
+
+
 def headline(report: dict) -> list[dict]:
-    """The comparisons the benchmark exists for, per T, as plain ratios (no verdicts): R2LED
-    warm CPU time against warm SIM-hard and ETA, against its own at the shortest T, against
-    the floor; training samples/s against SIM-hard's."""
+    """The comparisons the benchmark exists for, per R2LED encoder and T, as plain ratios
+    (no verdicts): warm CPU time against warm SIM-hard and ETA, against its own at the
+    shortest T, against its floor; cold against warm; training samples/s against SIM-hard's."""
     res, lengths = report["results"], report["settings"]["lengths"]
     cpu = lambda name, t: _figure(res, name, t, "cpu_ms_p50")  # noqa: E731
     p50 = lambda name, t: _figure(res, name, t, "latency_ms_p50")  # noqa: E731
     ratio = lambda a, b: a / b if a and b else None  # noqa: E731
     t0 = lengths[0]
     rows = []
-    for t in lengths:
-        rows.append({
-            "t": t,
-            "r2led_cpu_ms": cpu(REFERENCE, t),
-            "vs_sim_hard": ratio(cpu(REFERENCE, t), cpu("sim-hard", t)),
-            "vs_eta": ratio(cpu(REFERENCE, t), cpu("eta", t)),
-            "p50_vs_shortest": ratio(p50(REFERENCE, t), p50(REFERENCE, t0)),
-            "cpu_vs_shortest": ratio(cpu(REFERENCE, t), cpu(REFERENCE, t0)),
-            "vs_floor": ratio(cpu(REFERENCE, t), cpu(FLOOR, t)),
-            "cold_vs_warm": ratio(cpu(f"{REFERENCE} (cold)", t), cpu(REFERENCE, t)),
-            "train_vs_sim_hard": ratio(_figure(res, REFERENCE, t, "train_samples_per_s"), _figure(res, "sim-hard", t, "train_samples_per_s")),
-        })  # fmt: skip
+    for name in r2led_names(report):
+        for t in lengths:
+            rows.append({
+                "model": name,
+                "t": t,
+                "r2led_cpu_ms": cpu(name, t),
+                "vs_sim_hard": ratio(cpu(name, t), cpu("sim-hard", t)),
+                "vs_eta": ratio(cpu(name, t), cpu("eta", t)),
+                "p50_vs_shortest": ratio(p50(name, t), p50(name, t0)),
+                "cpu_vs_shortest": ratio(cpu(name, t), cpu(name, t0)),
+                "vs_floor": ratio(cpu(name, t), cpu(r2led_floor_name(name), t)),
+                "cold_vs_warm": ratio(cpu(f"{name} (cold)", t), cpu(name, t)),
+                "train_vs_sim_hard": ratio(
+                    _figure(res, name, t, "train_samples_per_s"), _figure(res, "sim-hard", t, "train_samples_per_s")
+                ),
+            })  # fmt: skip
     return rows
 
 
@@ -148,6 +158,7 @@ def speed_markdown(report: dict) -> str:
     s, m = report["settings"], report["machine"]
     ref_cfg = s["model_configs"].get(REFERENCE, {})
     warm, cold, batch = _by_mode(report, "warm"), _by_mode(report, "cold"), _by_mode(report, "batch")
+    floors = _by_mode(report, "floor")
     lines = [
         "# Speed: R2LED against the lifelong baselines",
         "",
@@ -156,15 +167,16 @@ def speed_markdown(report: dict) -> str:
         f"- command: `{report['command']}`",
         f"- date: {report['date']}",
         f"- machine: {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), {m['platform']}",
-        f"- software: torch {m['torch']}, numpy {m['numpy']}, Python {m['python']}; torch threads {m['torch_threads']}, "
-        f"OMP_WAIT_POLICY {m['omp_wait_policy']}",
+        f"- software: torch {m['torch']}, numpy {m['numpy']}, Python {m['python']}; "
+        f"torch threads {m['torch_threads']}, OMP_WAIT_POLICY {m['omp_wait_policy']}",
         f"- load average (1, 5, 15 min) before: {m['load_average_before']}, after: {m['load_average_after']}",
-        f"- data: synthetic catalogue of {s['items']:,} items, 3-level SIDs ({' x '.join(map(str, s['sid_codebooks']))}) "
-        "from a hidden topic hierarchy; histories Zipf-skewed within 3 topics per user, 10 % exploration",
+        f"- data: synthetic catalogue of {s['items']:,} items, "
+        f"3-level SIDs ({' x '.join(map(str, s['sid_codebooks']))}) from a hidden topic hierarchy; "
+        "histories Zipf-skewed within 3 topics per user, 10 % exploration",
         "- mean distinct items per request history: "
         + ", ".join(f"T={int(t):,}: {d['mean_distinct_items']:,.0f}" for t, d in report["data"].items()),
-        f"- models: d = 32, short window 20; R2LED k = {ref_cfg.get('k', 20)} x 3 routes, rho = {ref_cfg.get('rho', 0.75)}; "
-        "baselines with a retrieval budget keep k = 60",
+        f"- models: d = 32, short window 20; R2LED k = {ref_cfg.get('k', 20)} x 3 routes, "
+        f"rho = {ref_cfg.get('rho', 0.75)}; baselines with a retrieval budget keep k = 60",
         "",
         "## What is measured",
         "",
@@ -173,18 +185,28 @@ def speed_markdown(report: dict) -> str:
         "its best honest path:",
         "",
         "- **warm** (the model's name): the user state was built before the request and is kept, as a server keeps "
-        "it and updates it on append. R2LED and ETA: the history by distinct item, chains of positions and packed "
-        "SimHash signatures, scanned by the same compiled kernel (ETA with no semantic view); SIM-hard: category -> "
-        "positions (its user behaviour tree); TWIN: `W_k x_h` per behaviour; SIM-soft: retrieval embeddings per "
-        "behaviour; SDIM: per hash round and code, the count and sum of the colliding behaviours' embeddings; "
-        "AvgPool: the running sum; DIN: the last 30 behaviours; din-long: every behaviour.",
+        "it and updates it on append. R2LED and ETA: the history by distinct item (each item's positions grouped, "
+        "most recent first, plus chains for the appended ones) with packed SimHash signatures, scanned by the same "
+        "compiled kernel (ETA with no semantic view); SIM-hard: category -> positions (its user behaviour tree); "
+        "TWIN: `W_k x_h` per behaviour; SIM-soft: retrieval embeddings per behaviour; SDIM: per hash round and code, "
+        "the count and sum of the colliding behaviours' embeddings; AvgPool: the running sum; DIN: the last 30 "
+        "behaviours; din-long: every behaviour. Every model with multi-head target attention (SIM, ETA, TWIN, SDIM, "
+        "AvgPool's short route, `r2led[mha]`) reads its keys' and values' projections from per-item tables kept "
+        "in eval mode, and projects the short window once per request, not once per candidate.",
         "- **cold** (`(cold)`): the same, with the user state built inside the timed request from the raw history.",
         f"- **strawman** (`(batch path)`): the training/evaluation batch path on C rows sharing one history "
         f"(an `expand`-ed view), which is how this benchmark served every model before the request API; up to "
         f"T={s.get('strawman_max_t', 100_000):,}.",
-        "- **floor**: R2LED's unavoidable work timed alone: one popcount pass of every candidate over the user's "
-        "distinct items' signatures, plus the refinement's dense products (DIN's unit over the 60 route slots and "
-        "the short window, route fusion, head) on inputs gathered beforehand.",
+        "- **floor** (`floor` for `r2led`, `floor[mha]` for `r2led[mha]`...): that R2LED's unavoidable work timed "
+        "alone: one popcount pass of every candidate over the user's distinct items' signatures, plus the "
+        "refinement's dense products (its encoder over the 60 route slots and the short window, route fusion, head) "
+        "on inputs gathered beforehand.",
+        "- **`r2led[lsh]`**: the default config served with the approximate collaborative index "
+        "(`R2LED.collaborative_bands = 8`, banded LSH over the packed signatures); its floor is the exact one's.",
+        "- **R2LED's encoders**: `r2led` is the default config; `r2led[din]` / `r2led[mha]` the same model with DIN's "
+        "activation unit or multi-head dot-product attention as the per-route encoder. Both serve from per-item "
+        "tables kept as a server keeps them (fused items; for multi-head attention also their key and value "
+        "projections); every baseline with target attention keeps the same per-item projections.",
         "",
         f"Each request: eval mode, `torch.inference_mode`, per-item caches warm; {s['warmup']} warm-up requests, then "
         f"median and p95 over {s['repeats']} requests of different users (at long T the users repeat: at most "
@@ -195,17 +217,20 @@ def speed_markdown(report: dict) -> str:
         "warm-up step, the same batches for every model. Peak memory: the extra bytes one request allocates "
         "(torch.profiler's allocation events plus numpy/Python via tracemalloc); state: one user's kept state with "
         f"the model's index. Limits: a run is not started when its memory (states included) or time, extrapolated "
-        f"linearly in T from the previous length, exceeds {s['memory_limit_gb']:g} GB or {s['time_limit_s']:g} s per call.",
+        f"linearly in T from the previous length, exceeds {s['memory_limit_gb']:g} GB or "
+        f"{s['time_limit_s']:g} s per call.",
         "",
         "## Headline ratios (CPU time per request, warm)",
         "",
-        "| T | R2LED (ms) | R2LED / SIM-hard | R2LED / ETA | R2LED / itself at shortest T (wall p50; CPU) | R2LED / floor | R2LED cold / warm | R2LED training samples/s / SIM-hard's |",
-        "|---|---|---|---|---|---|---|---|",
+        "| T | model | CPU ms | / SIM-hard | / ETA | / itself at shortest T (wall p50; CPU) | / its floor "
+        "| cold / warm | training samples/s / SIM-hard's |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for h in headline(report):
+    for h in sorted(headline(report), key=lambda h: h["t"]):
         ms = f"{h['r2led_cpu_ms']:.2f}" if h["r2led_cpu_ms"] else "—"
         lines.append(
-            f"| {h['t']:,} | {ms} | {_ratio(h['vs_sim_hard'])} | {_ratio(h['vs_eta'])} | {_ratio(h['p50_vs_shortest'])}; {_ratio(h['cpu_vs_shortest'])} | "
+            f"| {h['t']:,} | {h['model']} | {ms} | {_ratio(h['vs_sim_hard'])} | {_ratio(h['vs_eta'])} | "
+            f"{_ratio(h['p50_vs_shortest'])}; {_ratio(h['cpu_vs_shortest'])} | "
             f"{_ratio(h['vs_floor'])} | {_ratio(h['cold_vs_warm'])} | {_ratio(h['train_vs_sim_hard'])} |"
         )
     lines += [
@@ -215,7 +240,7 @@ def speed_markdown(report: dict) -> str:
         "",
         "## Serving CPU time, median (ms per request), warm",
         "",
-        *_table(report, "cpu_ms_p50", ".2f", "serve_skipped", names=warm + [FLOOR]),
+        *_table(report, "cpu_ms_p50", ".2f", "serve_skipped", names=warm + floors),
         "",
         "## Serving CPU time, median (ms per request), cold",
         "",
@@ -227,11 +252,11 @@ def speed_markdown(report: dict) -> str:
         "",
         "## Serving wall time, median (ms per request)",
         "",
-        *_table(report, "latency_ms_p50", ".2f", "serve_skipped", names=warm + cold + batch + [FLOOR]),
+        *_table(report, "latency_ms_p50", ".2f", "serve_skipped", names=warm + cold + batch + floors),
         "",
         "## Serving wall time, p95 (ms per request)",
         "",
-        *_table(report, "latency_ms_p95", ".2f", "serve_skipped", names=warm + cold + batch + [FLOOR]),
+        *_table(report, "latency_ms_p95", ".2f", "serve_skipped", names=warm + cold + batch + floors),
         "",
         "## Ratio to the floor (CPU time, warm)",
         "",
@@ -267,6 +292,22 @@ def speed_markdown(report: dict) -> str:
             f"{rc['largest_float_elements_retrieval']:,} elements, and {rc['largest_float_elements_request']:,} in the "
             f"whole request; one (candidates, T, d) tensor would have {rc['candidates_x_t_x_d']:,}.",
         ]
+    recall = report.get("collaborative_recall")
+    if recall:
+        lengths = report["settings"]["lengths"]
+        lines += [
+            "",
+            "## Approximate collaborative index: recall against exact search",
+            "",
+            "Share of the behaviours the exact routes take that the banded index's routes take too (same candidate), "
+            "mean over the first 5 requests per T. The semantic view stays exact.",
+            "",
+            "| model | bands | " + " | ".join(f"T={t:,}" for t in lengths) + " |",
+            "|---" * (len(lengths) + 2) + "|",
+        ]
+        for name, r in recall.items():
+            cells = [f"{r['recall'][str(t)]:.4f}" if str(t) in r["recall"] else "—" for t in lengths]
+            lines.append(f"| {name} | {r['bands']} | " + " | ".join(cells) + " |")
     reasons = [
         f"- {name}, T={int(t):,}: {e['skipped']}"
         for name, per_t in report["results"].items()
@@ -289,13 +330,17 @@ def speed_markdown(report: dict) -> str:
         f"- The machine was shared with other work (load averages above, for {m['cores_usable']} usable cores). "
         "Every figure comes from one process with interleaved rounds, so load hits all contenders alike; CPU time "
         "is less sensitive to it than wall time, but single figures move by 10-30 % between runs. Compare ratios.",
-        "- R2LED's refinement (DIN's activation unit over its 60 route slots and the 20-behaviour short window, "
-        "plus route fusion) costs more than the multi-head attention SIM-hard, ETA and TWIN run over their 60 + 20; "
-        "at short histories that is most of a request, and R2LED is slower than those baselines there.",
+        "- R2LED with DIN's activation unit runs an MLP per (candidate, behaviour) pair over its 60 route slots and "
+        "the 20-behaviour short window; that costs more than the dot-product attention SIM-hard, ETA and TWIN run "
+        "over their 60 + 20, and at short histories it is most of a request. `r2led[mha]` shows the same method "
+        "with dot-product attention.",
         "- R2LED's and ETA's per-candidate retrieval cost follows the number of distinct items in the history "
         "(bounded by the catalogue: at most 20,000 here), not its length; SIM-hard's follows k. With a catalogue "
         "of millions and very diverse histories the warm cost of R2LED and ETA grows with the distinct items.",
-        "- The collaborative view is exact (every distinct item's signature is scanned); no approximate index is used.",
+        "- The collaborative view of `r2led` and `r2led[mha]` is exact (every distinct item's signature is scanned); "
+        "`r2led[lsh]` scores only the items that share one of 8 signature bands (8 bits each) with the candidate, "
+        "besides its semantic run: its recall is in the table above. On this catalogue's untrained (random) "
+        "signatures the nearest items are far apart in Hamming distance, which is the hard case for banded LSH.",
         "- Synthetic data: a hidden topic hierarchy with Zipf popularity; real histories repeat items differently.",
         "- Training throughput is measured on synthetic batches of the stated size and length (up to T=100,000), "
         "not on a real dataset's batches.",
@@ -331,9 +376,13 @@ def latency_plot(report: dict, path: Path) -> None:
             continue
         mode = next((e.get("mode") for e in per_t.values() if e.get("mode")), "warm")
         base = name.split(" (")[0]
-        colour = "black" if name == FLOOR else colours.setdefault(base, palette[len(colours) % len(palette)])
+        colour = (
+            ("black" if name == FLOOR else "dimgrey")
+            if mode == "floor"
+            else colours.setdefault(base, palette[len(colours) % len(palette)])
+        )
         style = {"warm": "-", "cold": "--", "batch": ":", "floor": "-."}.get(mode, "-")
-        width = 2.6 if base == REFERENCE else 1.3
+        width = 2.6 if base == REFERENCE or base in VARIANTS else 1.3
         ax.plot(*zip(*points, strict=False), style, color=colour, marker="o", markersize=3, linewidth=width, label=name)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -369,14 +418,16 @@ def print_summary(report: dict, console: Console) -> None:
                 e.get("train_skipped"),
             )
             row.append(f"{cpu}\n{thr}" if e.get("train_samples_per_s") is not None else cpu)
-        table.add_row(name, *row)
+        table.add_row(escape(name), *row)  # escape: rich would read r2led[mha]'s [mha] as a style tag
     console.print(table)
     console.print(
-        "R2LED (warm) per T: CPU ms; / SIM-hard; / ETA; wall p50 / p50 at shortest T; CPU / CPU at shortest T; / floor; cold / warm; training / SIM-hard"
+        "R2LED (warm) per T: CPU ms; / SIM-hard; / ETA; wall p50 / p50 at shortest T; CPU / CPU at shortest T; "
+        "/ its floor; cold / warm; training / SIM-hard"
     )
     for h in headline(report):
         ms = f"{h['r2led_cpu_ms']:.2f}" if h["r2led_cpu_ms"] else "—"
         console.print(
-            f"  T={h['t']:,}: {ms} ms; {_ratio(h['vs_sim_hard'])}; {_ratio(h['vs_eta'])}; {_ratio(h['p50_vs_shortest'])}; {_ratio(h['cpu_vs_shortest'])}; "
+            f"  {escape(h['model'])}, T={h['t']:,}: {ms} ms; {_ratio(h['vs_sim_hard'])}; {_ratio(h['vs_eta'])}; "
+            f"{_ratio(h['p50_vs_shortest'])}; {_ratio(h['cpu_vs_shortest'])}; "
             f"{_ratio(h['vs_floor'])}; {_ratio(h['cold_vs_warm'])}; {_ratio(h['train_vs_sim_hard'])}"
         )

@@ -14,12 +14,20 @@ import torch
 
 from r2led.data.batches import Batch
 from r2led.errors import ConfigError
-from r2led.models.registry import model_config_class
+from r2led.models.registry import model_class
 from r2led.models.spec import DataSpec
 from r2led.models.user_state import UserState
 from r2led.sid.table import SidTable
 
 REFERENCE = "r2led"  # the model every figure is compared with (ratios to it in the reports)
+# R2LED with each per-route encoder, whatever the default ("r2led" is the default config), and
+# with the approximate collaborative index (``R2LED.collaborative_bands``, a serving switch).
+VARIANTS = {
+    "r2led[din]": ("r2led", {"attention": "din"}),
+    "r2led[mha]": ("r2led", {"attention": "mha"}),
+    "r2led[lsh]": ("r2led", {}),
+}
+SERVING_SWITCHES = {"r2led[lsh]": {"collaborative_bands": 8}}  # set on the built model
 BRANCHING = (16, 16, 16)  # SID codebook sizes per level (the hidden topic hierarchy)
 USER_FEATURES = [3, 8, 22]  # cardinalities incl. 0 = unknown (like gender, age, occupation)
 SIGNAL_SIZE = 6  # ratings 1..5, 0 = padding
@@ -222,9 +230,23 @@ def make_workload(cat: Catalogue, t: int, n_requests: int, candidates: int, trai
 # ---- models --------------------------------------------------------------------------------
 def bench_model_config(name: str):
     """The shared bench config: d = 32, short window 20; R2LED k = 20 per route (x 3 routes),
-    a baseline with a retrieval budget ``k`` keeps the same R*k = 60 behaviours."""
-    cls = model_config_class(name)
-    values = {"name": name, "dim": 32, "short_len": 20}
+    a baseline with a retrieval budget ``k`` keeps the same R*k = 60 behaviours. A name in
+    ``VARIANTS`` is its model with the variant's settings (``"r2led[mha]"``)."""
+    name, extra = VARIANTS.get(name, (name, {}))
+    cls = model_class(name).config_class
+    values = {"name": name, "dim": 32, "short_len": 20, **extra}
     if "k" in cls.model_fields:
         values["k"] = 20 if name == REFERENCE else 60
     return cls.model_validate(values)
+
+
+def other_encoder() -> str:
+    """The R2LED variant with the per-route encoder the default config does not use."""
+    default = model_class(REFERENCE).config_class().attention
+    return next(v for v, (_, extra) in VARIANTS.items() if extra.get("attention", default) != default)
+
+
+def r2led_floor_name(name: str) -> str:
+    """The floor of an R2LED contender: "floor" for the default config (served either way),
+    "floor[mha]" for a variant with other settings."""
+    return "floor" + name[len(REFERENCE) :] if VARIANTS.get(name, ("", {}))[1] else "floor"

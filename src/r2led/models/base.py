@@ -29,7 +29,6 @@ class CtrModel(CachingModule):
     ``score_request(state, candidates) -> logits (C,)`` for serving."""
 
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
-    uses_sid: ClassVar[bool] = False  # True when the model needs a SID table regardless of sid_features
 
     def __init__(self, cfg: ModelConfig, spec: DataSpec, sid: SidTable | None = None):
         super().__init__()
@@ -42,10 +41,11 @@ class CtrModel(CachingModule):
         self._item_table = KeptValue(
             lambda: self._item_repr(torch.arange(spec.n_items + 1, device=self.signal.weight.device))
         )
+        self._projections = KeptValue(dict)  # encoder name -> its (N+1, 2d), (S, 2d) projections
 
     @classmethod
     def wants_sid(cls, cfg: ModelConfig) -> bool:
-        return cls.uses_sid or cfg.sid_features
+        return cfg.sid_features
 
     # ---- item and behaviour representations ---------------------------------------------
     def item_repr(self, items: torch.Tensor) -> torch.Tensor:
@@ -68,6 +68,20 @@ class CtrModel(CachingModule):
     def behaviour_repr(self, items: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
         """Keys/values of behaviours: the item plus the behaviour's own signal (e.g. rating)."""
         return self.item_repr(items) + self.signal(signal)
+
+    def behaviour_rows(self, name: str, items: torch.Tensor, signals: torch.Tensor) -> torch.Tensor:
+        """The key and value projections (``TargetAttention.project``) of behaviours (n,) for
+        the encoder ``getattr(self, name)``: (n, 2d). In eval mode without autograd, rows of
+        per-item and per-signal projection tables kept until ``invalidate_caches`` (the map
+        is linear, so the parts add up), as TWIN keeps its keys and R2LED its tables."""
+        encoder = getattr(self, name)
+        if self.training or torch.is_grad_enabled():
+            return encoder.project(self.behaviour_repr(items, signals))
+        tables = self._projections()
+        if name not in tables:
+            tables[name] = (encoder.project(self._item_table()), encoder.project(self.signal.weight))
+        item_rows, signal_rows = tables[name]
+        return item_rows.index_select(0, items.reshape(-1)) + signal_rows.index_select(0, signals.reshape(-1))
 
     def user_repr(self, batch: Batch) -> torch.Tensor:
         """(B, F*d [+ S]): profile feature embeddings, and the history profile when enabled.
@@ -121,11 +135,17 @@ class CtrModel(CachingModule):
 
     def request_user_repr(self, state: UserState, c: int) -> torch.Tensor:
         """``user_repr`` of the user of ``state`` for ``c`` candidate rows: one row, from the
-        kept profile counts (O(S), not O(T)), expanded. (C, F*d [+ S])"""
+        kept profile counts (O(S), not O(T)), kept in the state until an append or a parameter
+        change (``UserState.kept``), expanded. (C, F*d [+ S])"""
+        if self.training or torch.is_grad_enabled():
+            return self._user_row(state).expand(c, -1)
+        return state.kept(self, "user_repr", lambda: self._user_row(state)).expand(c, -1)
+
+    def _user_row(self, state: UserState) -> torch.Tensor:
         users = self.users(torch.from_numpy(state.features).unsqueeze(0))  # (1, F*d)
         if self.cfg.history_profile:
             users = torch.cat([users, torch.from_numpy(state.profile()).unsqueeze(0)], dim=-1)
-        return users.expand(c, -1)
+        return users
 
     def request_short(self, state: UserState, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The last ``n`` behaviours of the state: items and signals (min(n, T),)."""
@@ -171,11 +191,11 @@ def state_history(state: UserState) -> tuple[torch.Tensor, torch.Tensor]:
 def short_route_head(model: CtrModel, state: UserState, target: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """The request path's end for a model with ``short_attention`` and a 4-vector head
     (SIM, ETA, TWIN, SDIM, AvgPool): the short route over the state's last behaviours (their
-    embeddings computed once, shared by the rows), then ``MLP([user; e(t); u; r_s; e(t) * u])``.
+    projections computed once, shared by the rows), then ``MLP([user; e(t); u; r_s; e(t) * u])``.
     target, u (C, d) -> logits (C,)."""
     c = len(target)
     s_items, s_signal = model.request_short(state, model.cfg.short_len)  # (n_s,)
-    s_kv = model.behaviour_repr(s_items, s_signal).unsqueeze(0).expand(c, -1, -1)  # (C, n_s, d)
-    r_short = model.short_attention(target, s_kv, s_kv, torch.ones(s_kv.shape[:2], dtype=torch.bool))  # (C, d)
+    s_rows = model.behaviour_rows("short_attention", s_items, s_signal)  # (n_s, 2d): projected once, shared
+    r_short, _ = model.short_attention.attend(target, s_rows, torch.ones(len(s_items), dtype=torch.bool))  # (C, d)
     x = torch.cat([model.request_user_repr(state, c), target, u, r_short, target * u], dim=-1)
     return model.head(x)

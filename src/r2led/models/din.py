@@ -11,6 +11,7 @@ from typing import Literal
 
 import torch
 from pydantic import Field
+from torch.nn import functional as F
 
 from r2led.config import ModelConfig
 from r2led.data.batches import Batch
@@ -51,14 +52,15 @@ class DIN(CtrModel):
         return self.request_short(state, self.cfg.short_len)
 
     def _score_request(self, state: UserState, index, candidates: torch.Tensor) -> torch.Tensor:
-        """The window's behaviours embedded once (n, d), shared by the C rows."""
+        """The window's behaviours embedded once (n, d), shared by the C rows; the activation
+        unit as a few large products (``DinAttention.attend``, as R2LED's request path)."""
         items, signal = self.request_window(state)  # (n,)
         target = self.item_repr(candidates)  # (C, d)
         c = len(target)
-        behaviours = self.behaviour_repr(items, signal).unsqueeze(0).expand(c, -1, -1)  # (C, n, d)
-        interest = self.attention(
-            target, behaviours, behaviours, torch.ones(behaviours.shape[:2], dtype=torch.bool)
-        )  # (C, d)
+        ones = lambda x: F.pad(x, (0, 1), value=1.0)  # noqa: E731 - attend's inputs end in 1
+        behaviours = ones(self.behaviour_repr(items, signal)).expand(c, -1, -1)  # (C, n, d+1)
+        mask = torch.ones(behaviours.shape[:2], dtype=torch.bool)
+        interest = self.attention.attend(ones(target), behaviours, mask)[..., :-1]  # (C, d)
         return self.head(torch.cat([self.request_user_repr(state, c), target, interest, target * interest], dim=-1))
 
 

@@ -41,9 +41,9 @@ def _popcount(x):
 
 
 @njit(cache=True)
-def _sift_down(keys, item, depth, size, at):
-    """Restore the max-heap property of (keys, item, depth)[:size] below ``at``."""
-    key, it, dp = keys[at], item[at], depth[at]  # (key, slot, position) or (key, item, depth)
+def _sift_down4(keys, rank, pos, cursor, size, at):
+    """Restore the heap order from slot ``at`` down, for a heap of (key, rank, position, group cursor)."""
+    key, rk, ps, cur = keys[at], rank[at], pos[at], cursor[at]
     while True:
         child = 2 * at + 1
         if child >= size:
@@ -52,9 +52,33 @@ def _sift_down(keys, item, depth, size, at):
             child += 1
         if keys[child] <= key:
             break
-        keys[at], item[at], depth[at] = keys[child], item[child], depth[child]
+        keys[at], rank[at], pos[at], cursor[at] = keys[child], rank[child], pos[child], cursor[child]
         at = child
-    keys[at], item[at], depth[at] = key, it, dp
+    keys[at], rank[at], pos[at], cursor[at] = key, rk, ps, cur
+
+
+@njit(cache=True)
+def group_positions(hist, slot_of, slot_item, u, group_off, grouped, cursor):
+    """Each slot's positions, most recent first, stored together: ``grouped[group_off[s]:
+    group_off[s+1]]`` (a counting sort of the history by slot; ``slot_item`` from
+    ``chain_items``). The chains list the same positions in the same order, one random access
+    each: walking a group instead reads consecutive memory (at T = 10^6 the chains' misses were
+    half of a request's route filling). ``slot_of`` (N+1,) must hold -1 (it is left so);
+    cursor (U,) scratch. O(T)."""
+    for s in range(u):
+        slot_of[slot_item[s]] = s
+    group_off[:] = 0
+    for i in range(hist.shape[0]):
+        group_off[slot_of[hist[i]] + 1] += 1
+    for s in range(u):
+        group_off[s + 1] += group_off[s]
+        cursor[s] = group_off[s]
+    for i in range(hist.shape[0] - 1, -1, -1):
+        s = slot_of[hist[i]]
+        grouped[cursor[s]] = i
+        cursor[s] += 1
+    for s in range(u):
+        slot_of[slot_item[s]] = -1
 
 
 @njit(cache=True)
@@ -122,30 +146,31 @@ def _similarities(target_sig, c, slot_sig, levels, sim):
 
 
 @njit(cache=True)
-def _similarity_levels(target_sig, c, slot_sig, levels, sim, per_level, slot_last, start):
-    """``_similarities`` and, in the same pass, how many slots sit at each level; a slot
-    whose behaviours all lie before ``start`` (out of the window) gets -1 and no count.
-    The common case (one 64-bit word, no window) has its own loop: the general one (a loop
-    over words, a window test per slot) made this pass 2.7x slower (measured)."""
-    words = slot_sig.shape[1]
+def _similarity_levels(target_sig, c, rank_sig, levels, sim, per_level, order, slot_last, start):
+    """``_similarities`` over the items in rank order (``rank_sig``: their signatures in the
+    order of ``order``), into ``sim`` by rank, and in the same pass how many items sit at each
+    level; an item whose behaviours all lie before ``start`` (out of the window) gets -1 and
+    no count. The common case (one 64-bit word, no window) has its own loop: the general one
+    (a loop over words, a window test per item) made this pass 2.7x slower (measured)."""
+    words = rank_sig.shape[1]
     per_level[:] = 0
     if words == 1 and start == 0:
         t = target_sig[c, 0]
         top = np.int64(levels - 1)
-        for s in range(slot_sig.shape[0]):
-            v = top - np.int64(_popcount(t ^ slot_sig[s, 0]))
-            sim[s] = v
+        for j in range(rank_sig.shape[0]):
+            v = top - np.int64(_popcount(t ^ rank_sig[j, 0]))
+            sim[j] = v
             per_level[v] += 1
         return
-    for s in range(slot_sig.shape[0]):
-        if slot_last[s] < start:
-            sim[s] = -1
+    for j in range(rank_sig.shape[0]):
+        if slot_last[order[j]] < start:
+            sim[j] = -1
             continue
         hamming = np.uint64(0)
         for w in range(words):
-            hamming += _popcount(target_sig[c, w] ^ slot_sig[s, w])
+            hamming += _popcount(target_sig[c, w] ^ rank_sig[j, w])
         v = levels - 1 - np.int64(hamming)
-        sim[s] = v
+        sim[j] = v
         per_level[v] += 1
 
 
@@ -168,75 +193,99 @@ def scan_similarities(target_sig, slot_sig, sim):
 
 @njit(cache=True)
 def _best_chained(
-    sim, order, lo, hi, need, length, start, slot_last, prev, per_level, counted, heap_key, heap_slot, heap_pos, out
-):
-    """The ``need`` best-keyed behaviours of the items order[lo:hi] (key = sim * length +
-    position, as ``retrieval.recency_keys``), best first, into ``out``; returns how many.
-    ``order`` empty: the slots lo..hi-1 themselves (every item, in any order).
+    sim, pick, lo, hi, order, need, length, start, slot_last, prev, groups, per_level, counted, heap, out
+):  # fmt: skip
+    """The ``need`` best-keyed behaviours of the items at ranks pick[lo:hi] (``pick`` empty:
+    the ranks lo..hi-1 themselves, e.g. a SID-prefix run), key = sim * length + position (as
+    ``retrieval.recency_keys``), best first, into ``out``; returns how many. ``sim`` is by rank;
+    ``order`` maps a rank to the item's slot.
 
     Only the ``need`` best items by their most recent behaviour can hold one of them, and they
     lie at the ``need`` highest similarity levels that have items: a histogram over levels
     finds the cut (``per_level``: items per similarity, already ``counted`` or not); a heap over
-    the items above it merges their chains of positions in key order.
+    the items above it merges their positions in key order. An item's positions, most recent
+    first: along the chain (``prev``) while they are later than ``groups``' build, then its
+    group (``grouped[group_off[s]:group_off[s+1]]``, consecutive) from there.
     """
     if need <= 0 or lo >= hi:
         return 0
-    direct = order.shape[0] == 0
+    grouped, group_off, built = groups
+    heap_key, heap_rank, heap_pos, heap_cur = heap
+    direct = pick.shape[0] == 0
     if not counted:
         per_level[:] = 0
-        for j in range(lo, hi):
-            v = sim[j if direct else order[j]]
-            if v >= 0:  # -1: out of the window
-                per_level[v] += 1
-    cut = _cut(per_level, need)  # >= 0, so a slot out of the window (-1) is never taken
+        if direct:  # a run of ranks: one sequential pass
+            for j in range(lo, hi):
+                v = sim[j]
+                if v >= 0:  # -1: out of the window
+                    per_level[v] += 1
+        else:
+            for i in range(lo, hi):
+                v = sim[pick[i]]
+                if v >= 0:
+                    per_level[v] += 1
+    cut = _cut(per_level, need)  # >= 0, so an item out of the window (-1) is never taken
     size = 0
-    if direct:  # its own loop: no gather through ``order``
-        for s in range(lo, hi):
-            if sim[s] >= cut:
-                p = slot_last[s]
-                heap_key[size], heap_slot[size], heap_pos[size] = sim[s] * length + p, s, p
-                size += 1
-    else:
-        for j in range(lo, hi):
+    for i in range(lo, hi):
+        j = i if direct else pick[i]
+        if sim[j] >= cut:
             s = order[j]
-            if sim[s] >= cut:
-                p = slot_last[s]
-                heap_key[size], heap_slot[size], heap_pos[size] = sim[s] * length + p, s, p
-                size += 1
+            p = slot_last[s]
+            heap_key[size], heap_rank[size], heap_pos[size] = sim[j] * length + p, j, p
+            heap_cur[size] = group_off[s] if p < built else -1  # -1: on the chain
+            size += 1
     for at in range(size // 2 - 1, -1, -1):
-        _sift_down(heap_key, heap_slot, heap_pos, size, at)
+        _sift_down4(heap_key, heap_rank, heap_pos, heap_cur, size, at)
     n = 0
     while n < need and size > 0:
-        s, p = heap_slot[0], heap_pos[0]
+        j, p, cur = heap_rank[0], heap_pos[0], heap_cur[0]
         out[n] = p
         n += 1
-        q = prev[p]
+        if cur >= 0:  # in the item's group: the next entry, if the group goes on
+            s = order[j]
+            cur += 1
+            q = grouped[cur] if cur < group_off[s + 1] else -1
+        else:
+            q = prev[p]
+            if 0 <= q < built:  # the chain reaches the group: read it from its head (== q)
+                cur = group_off[order[j]]
         if q >= start:  # the item's next most recent behaviour in the window takes its place
-            heap_key[0], heap_pos[0] = sim[s] * length + q, q
+            heap_key[0], heap_pos[0], heap_cur[0] = sim[j] * length + q, q, cur
         else:
             size -= 1
-            heap_key[0], heap_slot[0], heap_pos[0] = heap_key[size], heap_slot[size], heap_pos[size]
-        _sift_down(heap_key, heap_slot, heap_pos, size, 0)
+            heap_key[0], heap_rank[0], heap_pos[0], heap_cur[0] = (
+                heap_key[size], heap_rank[size], heap_pos[size], heap_cur[size],
+            )  # fmt: skip
+        _sift_down4(heap_key, heap_rank, heap_pos, heap_cur, size, 0)
     return n
 
 
 @njit(cache=True)
 def state_routes(
-    target_sig, slot_sig, order, slot_last, prev, length, start, lo, hi, k, quota, disjoint, out, taken, scratch
-):
+    target_sig, rank_sig, order, rank_of_slot, slot_last, prev, groups, length, start, lo, hi, k, quota, disjoint,
+    band_slots, band_lo, band_hi, out, taken, scratch,
+):  # fmt: skip
     """Every candidate's routes against one user's history kept as chains (``chain_items``):
     positions (C, R, k) into the history (0 where not taken) into ``out`` (zeroed), and the
     number taken (C, R) into ``taken``, slots taken first.
 
-    target_sig (C, W) uint64 SimHash signatures of the candidates, slot_sig (U, W) of the
-    history's distinct items (by slot); order (U,) the slots by SID-prefix rank, lo, hi (C, R)
+    target_sig (C, W) uint64 SimHash signatures of the candidates, rank_sig (U, W) of the
+    history's distinct items in rank order; order (U,) the slots by SID-prefix rank (rank_of_slot
+    its inverse), lo, hi (C, R)
     each candidate's run of matching items in ``order`` at each route, coarsest route first
-    (lo = hi: no semantic view); slot_last, prev: the chains; length: the arrays' length;
+    (lo = hi: no semantic view); slot_last, prev: the chains; groups (grouped, group_off,
+    built): the positions before ``built`` grouped by slot (``group_positions``); length: the
+    arrays' length;
     only positions at or after ``start`` are the window (``UserState.max_length``).
     Route r takes its best ``quota`` matching behaviours, then its best behaviours not among
     them, k in all; ``disjoint``: the finest route first, each one among what finer ones left.
     The fills of a route are among the best R k behaviours overall (k if not disjoint), its
     matches among its best quota + (R - 1 - r) k matching ones (quota if not disjoint).
+
+    band_slots (bands, U), band_lo, band_hi (C, bands): with bands (``SignatureBands``), the
+    overall list is taken among the candidate's semantic run (its coarsest route's items, whose
+    similarities the matches need anyway) and the items sharing a band with it, and only those
+    items are scored: approximate; no bands (shape (0, 0)): among every item, exact.
 
     The behaviours a candidate's routes took (and a route's own matches) are marked in two
     small hash sets (``_PositionSet``), not in arrays of size T: random access into T-sized
@@ -248,52 +297,89 @@ def state_routes(
     u_n = order.shape[0]
     levels = 64 * target_sig.shape[1] + 1  # similarity 0..m
     routes = lo.shape[1]
-    heap_key, heap_slot, heap_pos, sim, best, matched, per_level, used, chosen = scratch
+    heap_key, heap_rank, heap_pos, heap_cur, sim, best, matched, per_level, used, chosen, near, stamp = scratch
+    heap = (heap_key, heap_rank, heap_pos, heap_cur)
     n_best = routes * k if disjoint else k
-    every = order[:0]  # the overall list reads the slots directly
+    every = order[:0]  # no ``pick``: a run of ranks
+    banded = band_slots.shape[0] > 0
+    used[:] = -1
+    chosen[:] = -1
+    stamp[:] = -1
     for c in range(c_n):
-        used[:] = -1
-        _similarity_levels(target_sig, c, slot_sig, levels, sim, per_level, slot_last, start)
-        n_g = _best_chained(
-            sim,
-            every,
-            0,
-            u_n,
-            n_best,
-            length,
-            start,
-            slot_last,
-            prev,
-            per_level,
-            True,
-            heap_key,
-            heap_slot,
-            heap_pos,
-            best,
-        )
+        if banded:
+            n_near = _near_items(
+                target_sig, c, rank_sig, levels, sim, order, rank_of_slot, lo, hi, quota, band_slots, band_lo,
+                band_hi, slot_last, start, near, stamp,
+            )  # fmt: skip
+            n_g = _best_chained(
+                sim, near, 0, n_near, order, n_best, length, start, slot_last, prev, groups, per_level, False, heap,
+                best,
+            )  # fmt: skip
+        else:
+            _similarity_levels(target_sig, c, rank_sig, levels, sim, per_level, order, slot_last, start)
+            n_g = _best_chained(
+                sim, every, 0, u_n, order, n_best, length, start, slot_last, prev, groups, per_level, True, heap, best
+            )  # fmt: skip
         for r in range(routes - 1, -1, -1):
             n_m = 0
             if quota > 0 and lo[c, r] < hi[c, r]:
                 depth = quota + (routes - 1 - r) * k if disjoint else quota
                 n_m = _best_chained(
-                    sim,
-                    order,
-                    lo[c, r],
-                    hi[c, r],
-                    depth,
-                    length,
-                    start,
-                    slot_last,
-                    prev,
-                    per_level,
-                    False,
-                    heap_key,
-                    heap_slot,
-                    heap_pos,
-                    matched,
-                )
-            chosen[:] = -1
+                    sim, every, lo[c, r], hi[c, r], order, depth, length, start, slot_last, prev, groups, per_level,
+                    False, heap, matched,
+                )  # fmt: skip
             taken[c, r] = _take_route_sets(matched, n_m, best, n_g, k, quota, disjoint, used, chosen, out[c, r])
+            _unset(chosen, out[c, r], taken[c, r])  # emptied for the next route
+        if disjoint:  # emptied for the next candidate, the last route's insertions first
+            for r in range(routes):
+                _unset(used, out[c, r], taken[c, r])
+
+
+@njit(cache=True)
+def _near_items(
+    target_sig, c, rank_sig, levels, sim, order, rank_of_slot, lo, hi, quota, band_slots, band_lo, band_hi, slot_last,
+    start, near, stamp,
+):  # fmt: skip
+    """The items candidate ``c`` scores with bands, by rank: its coarsest route's run (every
+    route's matches lie in it: prefixes nest) and every item in its buckets (slots, ranked
+    through ``rank_of_slot``), each once (``stamp``: the candidate that listed it last), into
+    ``near``; their similarities into ``sim`` (-1: out of the window). Returns how many."""
+    n = 0
+    if quota > 0 and lo.shape[1] > 0:
+        for j in range(lo[c, 0], hi[c, 0]):
+            stamp[j] = c
+            near[n] = j
+            n += 1
+    for b in range(band_slots.shape[0]):
+        for i in range(band_lo[c, b], band_hi[c, b]):
+            j = rank_of_slot[band_slots[b, i]]
+            if stamp[j] != c:
+                stamp[j] = c
+                near[n] = j
+                n += 1
+    words = rank_sig.shape[1]
+    for i in range(n):
+        j = near[i]
+        if slot_last[order[j]] < start:
+            sim[j] = -1
+            continue
+        hamming = np.uint64(0)
+        for w in range(words):
+            hamming += _popcount(target_sig[c, w] ^ rank_sig[j, w])
+        sim[j] = levels - 1 - np.int64(hamming)
+    return n
+
+
+@njit(cache=True)
+def _unset(table, slots, n):
+    """Remove ``slots[:n]`` from the set ``table`` (absent ones are skipped), most recently
+    inserted first: in that order every key's probe sequence is intact when it is looked up,
+    so the set ends empty in O(n), with no pass over the table."""
+    for i in range(n - 1, -1, -1):
+        p = slots[i]
+        h = _set_slot(table, p)
+        if table[h] == p:
+            table[h] = -1
 
 
 @njit(cache=True)
@@ -336,12 +422,19 @@ def _take_route_sets(matched, n_m, best, n_g, k, quota, disjoint, used, chosen, 
 
 
 def state_scratch(distinct: int, k: int, quota: int, routes: int, words: int) -> tuple[np.ndarray, ...]:
-    """``state_routes``'s working arrays: heap (3 x U), similarity per slot (U), best (R k),
-    matched (quota + (R-1) k), per level (64 W + 1), and the two position sets (a power of
-    two, at least 4x what they hold). Nothing of size T."""
-    ints = [distinct, distinct, distinct, distinct, routes * k, quota + (routes - 1) * k, 64 * words + 1]
+    """``state_routes``'s working arrays: heap (4 x U), similarity per slot (U), best (R k),
+    matched (quota + (R-1) k), per level (64 W + 1), the two position sets (a power of two,
+    at least 4x what they hold), and with bands the items scored and their stamps (U each).
+    Nothing of size T."""
+    ints = [distinct, distinct, distinct, distinct, distinct, routes * k, quota + (routes - 1) * k, 64 * words + 1]
     size = 1 << max(4, int(4 * (routes * k + quota)).bit_length())
-    return (*(np.empty(max(n, 1), np.int64) for n in ints), np.empty(size, np.int64), np.empty(size, np.int64))
+    sets = (np.empty(size, np.int64), np.empty(size, np.int64))
+    return (
+        *(np.empty(max(n, 1), np.int64) for n in ints),
+        *sets,
+        np.empty(max(distinct, 1), np.int64),
+        np.empty(max(distinct, 1), np.int64),
+    )
 
 
 @njit(cache=True)
@@ -482,8 +575,10 @@ def batch_scratch(length: int, k: int, quota: int, routes: int, words: int) -> t
     histograms, and two stamps per position."""
     levels = 64 * words + 1
     return (
-        np.empty(length, np.int64), np.empty(length, np.int64), np.empty(length, np.int64), np.empty((routes, length), np.int64),
-        np.empty(routes * k, np.int64), np.empty(quota + (routes - 1) * k, np.int64),
-        np.empty(levels, np.int64), np.empty((routes, levels), np.int64), np.empty(routes, np.int64), np.empty(routes, np.int64),
+        np.empty(length, np.int64), np.empty(length, np.int64), np.empty(length, np.int64),
+        np.empty((routes, length), np.int64), np.empty(routes * k, np.int64),
+        np.empty(quota + (routes - 1) * k, np.int64),
+        np.empty(levels, np.int64), np.empty((routes, levels), np.int64), np.empty(routes, np.int64),
+        np.empty(routes, np.int64),
         np.empty(length, np.int32), np.empty(length, np.int32),
     )  # fmt: skip

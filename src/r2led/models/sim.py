@@ -86,8 +86,9 @@ class TwoStageModel(CtrModel):
             return super()._score_request(state, index, candidates)
         pos, taken = found  # (C, k)
         hist, signal = state_history(state)
-        r_kv = self.behaviour_repr(hist[pos] * taken, signal[pos] * taken)  # (C, k, d)
-        u = self.attention(target, r_kv, r_kv, taken)  # (C, d)
+        flat = pos.reshape(-1)
+        rows = self.behaviour_rows("attention", hist.index_select(0, flat), signal.index_select(0, flat))  # (C k, 2d)
+        u, _ = self.attention.attend(target, rows.view(*pos.shape, -1), taken)  # (C, d)
         return short_route_head(self, state, target, u)
 
 

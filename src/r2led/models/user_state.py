@@ -14,7 +14,8 @@ request does not rescan the history:
 ``features`` (F,) the user's categorical feature codes (0 = unknown); ``max_length`` (None:
 unbounded) keeps only the most recent behaviours, as the batch path's ``train.t_max`` window
 does: an append past it drops the oldest in O(1) amortised. ``candidates`` (C,) item ids.
-Bad input raises ``RequestError`` (an ``R2ledError`` and a ``ValueError``) with one line. ``score_request`` needs eval mode and runs under ``torch.inference_mode``; it equals the
+Bad input raises ``RequestError`` (an ``R2ledError`` and a ``ValueError``) with one line.
+``score_request`` needs eval mode and runs under ``torch.inference_mode``; it equals the
 model's batch path ``model(batch)`` on a batch of C rows holding that history (tested for
 every model: the same retrieved behaviours, the same logits within float rounding).
 
@@ -136,6 +137,8 @@ class UserState:
         self.start = 0  # the window is the arrays' [start:]; positions below it are dropped
         self.counts = np.bincount(signals, minlength=self.signal_size).astype(np.int64)  # (S,) the profile's counts
         self._indexes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> RequestIndex
+        self._kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {name: (key, value)}
+        self.version = 0  # counts appends: values derived from the history (``kept``) compare it
         self.lock = threading.RLock()
 
     @property
@@ -162,6 +165,7 @@ class UserState:
             self.counts[signal] += 1
             for index in list(self._indexes.values()):
                 index.append(pos, item, signal)
+            self.version += 1
             if self.max_length is not None and len(self) > self.max_length:
                 self._drop_oldest()
 
@@ -194,6 +198,19 @@ class UserState:
         (``CtrModel.user_repr``'s history profile), from the kept counts: O(S)."""
         length = float(self.counts[1:].sum())
         return np.concatenate([self.counts[1:] / max(length, 1.0), [math.log1p(length) / 8.0]]).astype(np.float32)
+
+    def kept(self, model, name: str, fn):
+        """``fn()``, kept per model and ``name`` while neither the history (``version``) nor
+        the model's parameters (``cache_generation``) changed: e.g. the user part of the
+        head's input, computed once per user instead of once per request."""
+        key = (self.version, model.cache_generation)
+        per_model = self._kept.setdefault(model, {})
+        hit = per_model.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = fn()
+        per_model[name] = (key, value)
+        return value
 
     def index_for(self, model) -> RequestIndex | None:
         """The model's index for this user, built on first use (None: the model keeps none)."""
@@ -251,6 +268,10 @@ class SignatureIndex(RequestIndex):
         slot_of = np.full(len(rank) if rank is not None else int(items.max(initial=0)) + 1, -1, np.int64)
         slot_item, slot_last, prev = np.empty(t, np.int64), np.empty(t, np.int64), np.empty(t, np.int64)
         u = route_kernels.chain_items(items, slot_of, slot_item, slot_last, prev)
+        # The positions grouped by slot, most recent first (``route_kernels.group_positions``):
+        # read instead of the chains up to ``built``; appends extend the chains only.
+        self.group_off, self.grouped, self.built = np.empty(u + 1, np.int64), np.empty(t, np.int64), t
+        route_kernels.group_positions(items, slot_of, slot_item, u, self.group_off, self.grouped, np.empty(u, np.int64))
         self.rank = rank  # (N+1,) or None
         self.slot_item, self.slot_last, self.prev = Growable(slot_item[:u]), Growable(slot_last[:u]), Growable(prev)
         self._slot_of: dict[int, int] | None = None  # item -> slot, built on the first append
@@ -261,6 +282,14 @@ class SignatureIndex(RequestIndex):
             self.order, self.order_rank = np.arange(u, dtype=np.int64), None
         self.slot_sig: Growable | None = None  # (U, W) uint64, per slot
         self.generation = -1
+        self._bands = None  # SignatureBands over slot_sig (the approximate collaborative view), built on use
+        self._bands_generation = -1
+        # The signatures in rank order (a SID-prefix run is a run of rows) and each slot's rank,
+        # for the (generation, U) in _rank_key; kept in step by ``append`` once built.
+        self._rank_sig: np.ndarray | None = None
+        self._rank_of_slot: np.ndarray | None = None
+        self._rank_key: tuple[int, int] | None = None
+        self._table: np.ndarray | None = None  # the model's (N+1, W) signatures of that generation
 
     def append(self, pos: int, item: int, signal: int) -> None:
         if self._slot_of is None:
@@ -278,7 +307,13 @@ class SignatureIndex(RequestIndex):
                     np.insert(self.order_rank, at, self.rank[item]),
                 )
             else:
+                at = len(self.order)
                 self.order = np.append(self.order, s)
+            if self._rank_key is not None and self._rank_key[1] == s:  # keep the rank-ordered signatures
+                self._rank_sig = np.insert(self._rank_sig, at, self._table[item], axis=0)
+                self._rank_of_slot[self._rank_of_slot >= at] += 1
+                self._rank_of_slot = np.append(self._rank_of_slot, at)
+                self._rank_key = (self._rank_key[0], s + 1)
         self.prev.append(self.slot_last.data[s])
         self.slot_last.data[s] = pos
 
@@ -291,6 +326,18 @@ class SignatureIndex(RequestIndex):
             self.slot_sig.append(table[items[s]])
         return self.slot_sig.view()
 
+    def rank_signatures(self, table: np.ndarray, generation: int) -> tuple[np.ndarray, np.ndarray]:
+        """(U, W) the items' signatures in rank order (``order``) and (U,) each slot's rank,
+        rebuilt if stale (O(U)); ``append`` keeps them in step afterwards."""
+        slot_sig = self.signatures(table, generation)
+        u = len(slot_sig)
+        if self._rank_key != (generation, u):
+            self._rank_sig = np.ascontiguousarray(slot_sig[self.order])
+            self._rank_of_slot = np.empty(u, np.int64)
+            self._rank_of_slot[self.order] = np.arange(u)
+            self._rank_key, self._table = (generation, u), table
+        return self._rank_sig, self._rank_of_slot
+
     def routes(
         self,
         target_sig: np.ndarray,
@@ -302,16 +349,27 @@ class SignatureIndex(RequestIndex):
         n_routes: int,
         disjoint: bool,
         start: int = 0,
+        bands: int = 0,
     ):
         """Positions (C, R, k) into the window from ``start`` and the number taken (C, R)
         (``route_kernels.state_routes``).
 
         target_sig (C, W) uint64; span (C, R, 2) each candidate's rank range per route (None:
-        no semantic view)."""
+        no semantic view). ``bands`` > 0: the collaborative view reads only the items that
+        share a band with the candidate (``SignatureBands``) besides its semantic run:
+        approximate; 0: every item (exact)."""
         from r2led.models import route_kernels
 
         c = len(target_sig)
         slot_sig = self.signatures(table, generation)
+        rank_sig, rank_of_slot = self.rank_signatures(table, generation)
+        if bands:
+            lsh = self.signature_bands(slot_sig, bands, generation)
+            band_lo, band_hi = lsh.queries(target_sig)  # (C, bands)
+            band_slots = lsh.slots
+        else:
+            band_lo = band_hi = np.zeros((c, 0), np.int64)
+            band_slots = np.zeros((0, 0), np.int64)
         if span is not None and quota and self.order_rank is not None:
             bounds = np.searchsorted(self.order_rank, span)  # (C, R, 2): each route's run of items
             lo, hi = np.ascontiguousarray(bounds[..., 0]), np.ascontiguousarray(bounds[..., 1])
@@ -320,18 +378,36 @@ class SignatureIndex(RequestIndex):
         out, n = np.zeros((c, n_routes, k), np.int64), np.empty((c, n_routes), np.int64)
         scratch = route_kernels.state_scratch(len(self.order), k, quota, n_routes, target_sig.shape[1])
         route_kernels.state_routes(
-            target_sig, slot_sig, self.order, self.slot_last.view(), self.prev.view(), len(self.prev), start, lo, hi, k,
-            quota, disjoint, out, n, scratch,
+            target_sig, rank_sig, self.order, rank_of_slot, self.slot_last.view(), self.prev.view(),
+            (self.grouped, self.group_off, self.built), len(self.prev), start, lo, hi, k, quota, disjoint, band_slots,
+            band_lo, band_hi, out, n, scratch,
         )  # fmt: skip
         if start:
             out = np.where(np.arange(k) < n[..., None], out - start, 0)
         return out, n
 
+    def signature_bands(self, slot_sig: np.ndarray, bands: int, generation: int):
+        """The ``SignatureBands`` of the slots' signatures: rebuilt when the signatures were
+        (another ``generation``, or another number of bands), else extended by the slots
+        added since: O(bands U) per new item."""
+        from r2led.models.signature_bands import SignatureBands
+
+        lsh = self._bands
+        if lsh is None or lsh.bands != bands or self._bands_generation != generation:
+            lsh, self._bands_generation = SignatureBands(slot_sig, bands), generation
+        for slot in range(len(lsh), len(slot_sig)):
+            lsh.insert(slot, slot_sig[slot])
+        self._bands = lsh
+        return lsh
+
     def nbytes(self) -> int:
-        arrays = [self.slot_item.data, self.slot_last.data, self.prev.data, self.order]
+        arrays = [self.slot_item.data, self.slot_last.data, self.prev.data, self.order, self.grouped, self.group_off]
         if self.slot_sig is not None:
             arrays.append(self.slot_sig.data)
-        return sum(a.nbytes for a in arrays) + (self.order_rank.nbytes if self.order_rank is not None else 0)
+        lsh = self._bands.nbytes() if self._bands is not None else 0
+        if self._rank_sig is not None:
+            lsh += self._rank_sig.nbytes + self._rank_of_slot.nbytes
+        return sum(a.nbytes for a in arrays) + (self.order_rank.nbytes if self.order_rank is not None else 0) + lsh
 
 
 class ChainIndex(RequestIndex):
