@@ -204,23 +204,6 @@ def test_bucketing_reduces_padding(synthetic_store):
     assert _padding(lengths, bucketed) < 0.25 * _padding(lengths, plain)
 
 
-def test_distributed_shards_are_disjoint_and_equal(synthetic_store):
-    idx = synthetic_store.split_indices("train")
-    world, seen, sizes = 3, [], []
-    for rank in range(world):
-        it = BatchIterator(
-            synthetic_store, idx, 50, t_max=100_000, shuffle=True, seed=2, rank=rank, world=world, drop_uneven=True
-        )
-        batches = list(it)
-        sizes.append(len(batches))
-        # (user, history length) identifies a sample when nothing is truncated
-        seen.append({(int(u), int(n)) for b in batches for u, n in zip(b.user, b.hist_mask.sum(1), strict=False)})
-    assert len(set(sizes)) == 1 and sizes[0] > 0
-    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
-    n_batches = -(-len(idx) // 50)
-    assert sum(sizes) == n_batches - n_batches % world
-
-
 # ---- writing ------------------------------------------------------------------------------
 
 

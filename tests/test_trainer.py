@@ -11,10 +11,11 @@ from typer.testing import CliRunner
 
 from r2led.cli import app
 from r2led.config import load_config
+from r2led.data.batches import BatchIterator
 from r2led.errors import CheckpointError, ConfigError
-from r2led.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from r2led.train.checkpoint import TrainState, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from r2led.train.metrics import ctr_metrics, gauc
-from r2led.train.trainer import Trainer
+from r2led.train.trainer import Trainer, TrainingDiverged, predict, train_step
 
 FAST = [
     "train.lr=0.01",
@@ -79,6 +80,88 @@ def test_resume_continues_to_the_same_result(tiny_store, tmp_path):
     resumed = fit(tiny_store, tmp_path / "part", "train.epochs=2", "train.patience=5", resume=True)
     assert resumed["test"] == full["test"]
     assert len(json.loads((tmp_path / "part" / "history.json").read_text())) == 2
+
+
+def test_interrupted_run_resumed_mid_epoch_equals_the_uninterrupted_run(tiny_store, tmp_path):
+    """Killed after the first of three evaluations of epoch 1 (of 2), then resumed: the same
+    final weights, optimiser state, history and metrics as a run that was never stopped."""
+    settings = ["train.epochs=2", "train.evals_per_epoch=3", "train.patience=5"]
+    full = fit(tiny_store, tmp_path / "full", *settings)
+    trainer = Trainer(tiny_store.root, load_config(None, [*FAST, *settings]), tmp_path / "part", show_progress=False)
+    original = trainer._checkpoint
+
+    def killed_after_first_evaluation(*args):
+        original(*args)
+        raise KeyboardInterrupt
+
+    trainer._checkpoint = killed_after_first_evaluation
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    part = load_checkpoint(tmp_path / "part" / "last.pt")
+    assert part["epoch"] == 0 and 0 < part["batch"] < len(trainer.train_idx) / 64  # mid-epoch
+    resumed = fit(tiny_store, tmp_path / "part", *settings, resume=True)
+    assert {k: resumed[k] for k in ("valid", "test", "best_epoch")} == {
+        k: full[k] for k in ("valid", "test", "best_epoch")
+    }
+    a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "part" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2 and a["batch"] == b["batch"] == 0
+    assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    adam_a, adam_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert adam_a.keys() == adam_b.keys()
+    assert all(torch.equal(adam_a[i][n], adam_b[i][n]) for i in adam_a for n in adam_a[i])
+    strip = [{k: v for k, v in m.items() if k not in ("train_seconds", "samples_per_s")} for m in a["history"]]
+    assert strip == [{k: v for k, v in m.items() if k not in ("train_seconds", "samples_per_s")} for m in b["history"]]
+    assert len(a["history"]) == 6 and a["samples_seen"] == b["samples_seen"] == 2 * len(trainer.train_idx)
+
+
+def test_train_state_is_saved_and_restored_as_a_unit(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    state = TrainState(epoch=2, step=7, best_auc=0.81, bad_evals=1, history=[{"auc": 0.81}], samples_seen=448)
+    state.save(tmp_path / "last.pt", model, opt, {"model": {"name": "x"}})
+    expected_draw, expected_weight = torch.rand(2), model.weight.detach().clone()
+    other = torch.nn.Linear(3, 1)
+    other_opt = torch.optim.Adam(other.parameters(), lr=0.1)
+    torch.manual_seed(5)
+    loaded = TrainState.load(tmp_path / "last.pt", other, other_opt)
+    assert (loaded.epoch, loaded.step, loaded.best_auc, loaded.bad_evals) == (2, 7, 0.81, 1)
+    assert loaded.history == [{"auc": 0.81}] and loaded.samples_seen == 448
+    assert torch.equal(other.weight, expected_weight) and torch.equal(torch.rand(2), expected_draw)  # RNG as saved
+    assert torch.equal(other_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert load_checkpoint(tmp_path / "last.pt")["batch"] == 7  # the key earlier runs' files use
+    save_checkpoint({"model": model.state_dict(), "epoch": 1}, tmp_path / "best.pt")
+    with pytest.raises(CheckpointError, match=r"best.pt is not resumable: it has no batch, best_auc"):
+        TrainState.load(tmp_path / "best.pt", other, other_opt)
+    wider = torch.nn.Linear(5, 1)  # the right keys, another model's weights: one line, not a traceback
+    with pytest.raises(CheckpointError, match=r"last.pt does not fit this run: Error\(s\) in loading state_dict"):
+        TrainState.load(tmp_path / "last.pt", wider, torch.optim.Adam(wider.parameters()))
+
+
+def test_a_non_finite_loss_stops_before_the_step(tiny_store, tmp_path):
+    trainer = Trainer(tiny_store.root, load_config(None, FAST), tmp_path / "run", show_progress=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.model.loss = lambda batch, logits: logits.sum() * float("nan")
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, step 1: the loss is nan"):
+        trainer.fit()
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_step_after_evaluation_trains_the_model_inside_a_wrapper(tiny_store, tmp_path):
+    # DDP wraps the model: evaluation puts the model in eval mode, not the wrapper, whose own
+    # flag stays True. The next step must still train the model (dropout on, kept values cleared).
+    trainer = Trainer(tiny_store.root, load_config(None, FAST), tmp_path / "run", show_progress=False)
+    model = trainer.model
+    wrapper = torch.nn.Sequential(model)  # stands in for DistributedDataParallel(model)
+    valid = tiny_store.split_indices("valid")[:50]
+    predict(model, tiny_store, valid, 64, 64)
+    assert wrapper.training and not model.training
+    batch = next(iter(BatchIterator(tiny_store, tiny_store.split_indices("train")[:64], 64, 64)))
+    train_step(wrapper, model, torch.optim.Adam(model.parameters()), batch)
+    assert model.training and all(m.training for m in model.modules())
 
 
 def test_early_stopping_stops_on_valid_auc(tiny_store, tmp_path):

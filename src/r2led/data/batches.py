@@ -9,7 +9,7 @@ the batches themselves are shuffled again so that lengths do not trend over an e
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,9 +31,6 @@ class Batch:
 
     def __len__(self) -> int:
         return int(self.target.shape[0])
-
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
 def make_batch(store: LifelongStore, sample_idx: np.ndarray, t_max: int) -> Batch:
@@ -99,9 +96,8 @@ def _token_bounded(lengths: np.ndarray, batch_size: int, max_tokens: int) -> lis
 class BatchIterator:
     """Iterates a split (or any index array) of a store as ``Batch`` objects.
 
-    ``rank``/``world`` shard the batches for distributed training: every process sees the
-    same batch order (same seed) and takes every ``world``-th batch, so shards are disjoint
-    and, with ``drop_uneven``, equal in number (DDP needs equal step counts).
+    Under distributed training each rank iterates its own shard of the store (equal sizes, so
+    equal step counts); the iterator itself does not shard.
     ``max_tokens`` bounds unshuffled batches by ``size x longest history`` (evaluation).
     """
 
@@ -114,32 +110,27 @@ class BatchIterator:
         shuffle: bool = False,
         seed: int = 0,
         bucket: int = 32,
-        rank: int = 0,
-        world: int = 1,
-        drop_uneven: bool = False,
         max_tokens: int | None = None,
     ):
         self.store, self.sample_idx = store, np.asarray(sample_idx)
         self.batch_size, self.t_max = batch_size, t_max
         self.shuffle, self.seed, self.bucket = shuffle, seed, bucket
-        self.rank, self.world, self.drop_uneven = rank, world, drop_uneven
         self.max_tokens = max_tokens
         self.epoch = 0
 
-    def _batches(self) -> list[np.ndarray]:
+    def batch_positions(self) -> list[np.ndarray]:
+        """This epoch's batches, as positions into ``sample_idx``, in iteration order."""
         lengths = self.store.history_lengths(self.sample_idx, self.t_max)
-        batches = batch_order(
-            lengths, self.batch_size, self.shuffle, self.seed + self.epoch, self.bucket, self.max_tokens
-        )
-        if self.world > 1:
-            if self.drop_uneven:
-                batches = batches[: len(batches) - len(batches) % self.world]
-            batches = batches[self.rank :: self.world]
-        return batches
+        return batch_order(lengths, self.batch_size, self.shuffle, self.seed + self.epoch, self.bucket, self.max_tokens)
 
     def __len__(self) -> int:
-        return len(self._batches())
+        return len(self.batch_positions())
 
     def __iter__(self) -> Iterator[Batch]:
-        for positions in self._batches():
+        return self.iter_from(0)
+
+    def iter_from(self, start: int) -> Iterator[Batch]:
+        """The batches from position ``start`` of this epoch's order on (a resumed run's data
+        position); the ones before it are not built."""
+        for positions in self.batch_positions()[start:]:
             yield make_batch(self.store, self.sample_idx[positions], self.t_max)

@@ -17,8 +17,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
+from r2led.config import HashBits
 from r2led.data.batches import Batch
 from r2led.models.layers import KeptValue
 from r2led.models.retrieval import recency_keys, topk_keys
@@ -29,13 +30,7 @@ from r2led.models.user_state import SignatureIndex, UserState
 
 class EtaConfig(TwoStageConfig):
     name: Literal["eta"] = "eta"
-    hash_bits: int = Field(64, ge=64, le=4096, description="SimHash signature bits m (multiple of 64)")
-
-    @model_validator(mode="after")
-    def _hash_bits(self) -> EtaConfig:
-        if self.hash_bits % 64:
-            raise ValueError(f"hash_bits must be a multiple of 64, got {self.hash_bits}")
-        return self
+    hash_bits: HashBits = Field(64, description="SimHash signature bits m (multiple of 64)")
 
 
 class ETA(TwoStageModel):

@@ -120,14 +120,10 @@ class ItemEmbeddings(nn.Module):
         tag_mean = (self.tags(tags) * tag_mask).sum(-2) / tag_mask.sum(-2).clamp_min(1.0)
         return self.category(self.item_category[items]) + tag_mean
 
-    def tokens(self, items: torch.Tensor) -> torch.Tensor:
-        """(...,) -> (..., L) prefix token ids."""
-        return self.prefix_tokens[items]
-
     def prefixes(self, items: torch.Tensor) -> torch.Tensor:
         """(...,) -> (..., L, d): s_1(v) .. s_L(v)."""
         tokens = self.prefix_tokens[items]  # (..., L)
-        return torch.stack([emb(tokens[..., l]) for l, emb in enumerate(self.prefix)], dim=-2)
+        return torch.stack([emb(tokens[..., level]) for level, emb in enumerate(self.prefix)], dim=-2)
 
 
 class UserEmbeddings(nn.Module):
@@ -159,11 +155,26 @@ def attention_mass(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> t
     return torch.logsumexp(scores.masked_fill(~mask, float("-inf")), dim=dim)
 
 
+def softmax_and_mass(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``masked_softmax`` and ``attention_mass`` over the last dim from one log-sum-exp (the
+    request path's encoders): weights (..., n) (all zeros where nothing is present) and the
+    mass (...) (-inf there)."""
+    masked = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(masked, -1, keepdim=True)  # (..., 1)
+    return torch.nan_to_num(torch.exp(masked - lse), nan=0.0), lse.squeeze(-1)
+
+
 class TargetAttention(nn.Module):
     """Multi-head target attention: one query per row attends over that row's behaviours.
 
-    query (..., d), keys/values (..., n, d), mask (..., n) -> (..., d).
-    A row with no behaviour (all masked) returns zeros.
+    query (..., d), keys/values (..., n, d), mask (..., n) -> (..., d); or one query per row
+    shared by several sets of behaviours: query (B, d), keys/values (B, ..., n, d), mask
+    (B, ..., n) -> (B, ..., d). A row with no behaviour (all masked) returns zeros.
+
+    The projections are linear without bias, so they are applied on the query's side: the
+    logits are ``k . (W_k^T W_q q)`` per head and the pooled value ``W_v (sum_n w_n v_n)``;
+    the same function as projecting every behaviour, with products per row instead of per
+    behaviour (``project`` / ``attend`` project behaviours, which a server keeps per item).
     """
 
     def __init__(self, dim: int, heads: int = 2):
@@ -177,12 +188,16 @@ class TargetAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def scores(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Per-head attention logits before the softmax: (..., d), (..., n, d) -> (..., n, h)."""
-        *lead, n, _ = keys.shape
+        """Per-head attention logits before the softmax: (..., d), (..., n, d) -> (..., n, h)
+        (or a query (B, d) shared over keys (B, ..., n, d))."""
         h, hd = self.heads, self.head_dim
-        q = self.q(query).view(*lead, 1, h, hd)  # (..., 1, h, hd)
-        k = self.k(keys).view(*lead, n, h, hd)  # (..., n, h, hd)
-        return (q * k).sum(-1) / math.sqrt(hd)  # (..., n, h)
+        d = keys.shape[-1]
+        q = self.q(query.reshape(-1, d))  # (M, d): one per query row
+        slots = math.prod(keys.shape[query.dim() - 1 : -1])  # S: behaviours per query row
+        # u_h = W_k,h^T q_h / sqrt(hd): each head's query mapped back onto the behaviours' space
+        u = torch.bmm(q.view(-1, h, hd).transpose(0, 1), self.k.weight.view(h, hd, d)).transpose(0, 1)  # (M, h, d)
+        logits = torch.bmm(keys.reshape(len(q), slots, d), u.transpose(1, 2))  # (M, S, h)
+        return logits.view(*keys.shape[:-1], h) / math.sqrt(hd)  # (..., n, h)
 
     def forward(
         self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
@@ -195,12 +210,77 @@ class TargetAttention(nn.Module):
         weights = masked_softmax(scores, mask.unsqueeze(-1), dim=-2)
         return self._pool(weights, values), attention_mass(scores, mask.unsqueeze(-1), dim=-2).mean(-1)
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """``[W_k x, W_v x]`` (..., 2d): the behaviour side, linear, so a server keeps it per
+        item (and per signal value) and adds the parts (``attend``)."""
+        return torch.cat([self.k(x), self.v(x)], dim=-1)
+
+    def attend(
+        self, query: torch.Tensor, projected: torch.Tensor, mask: torch.Tensor, mass: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``forward`` (and with ``mass`` the mass of ``forward_with_mass``, else None) for one
+        query per row on behaviours already projected (``project``): query (C, d); projected
+        (C, ..., n, 2d), or (n, 2d) shared by every row; mask (C, ..., n) or (n,)
+        -> (C, ..., d), (C, ...). The same function, float rounding aside."""
+        h, hd = self.heads, self.head_dim
+        d = h * hd
+        c = len(query)
+        q = self.q(query).view(c, h, hd) / math.sqrt(hd)  # (C, h, hd)
+        keys, values = projected[..., :d], projected[..., d:]  # views
+        if projected.dim() == 2:  # shared behaviours: (n, 2d)
+            n, lead = len(projected), ()
+            scores = torch.einsum("chx,nhx->chn", q, keys.view(n, h, hd))  # (C, h, n)
+            mask = mask.expand(c, n)
+        else:
+            *lead, n, _ = projected.shape[1:]
+            lead_ones = (1,) * len(lead)
+            scores = (keys.view(c, *lead, n, h, hd) * q.view(c, *lead_ones, 1, h, hd)).sum(-1)  # (C, ..., n, h)
+            scores = scores.transpose(-1, -2).contiguous()  # (C, ..., h, n): softmax over contiguous rows
+        present = mask.unsqueeze(-2)  # (C, ..., 1, n)
+        weights, lse = softmax_and_mass(scores, present)  # (C, ..., h, n), (C, ..., h)
+        if projected.dim() == 2:
+            pooled = torch.einsum("chn,nhx->chx", weights, values.view(n, h, hd))  # (C, h, hd)
+        else:  # all heads against all value columns in one product, then each head's own block
+            pooled = torch.bmm(weights.view(-1, h, n), values.reshape(-1, n, d)).view(-1, h, h, hd)
+            pooled = pooled.diagonal(dim1=1, dim2=2).transpose(1, 2)  # (C ..., h, hd)
+        out = self.out(pooled.reshape(c, *lead, d))
+        return out, (lse.mean(-1) if mass else None)
+
     def _pool(self, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """weights (..., n, h), values (..., n, d) -> (..., d)."""
+        """weights (..., n, h), values (..., n, d) -> (..., d): per head W_v,h (sum_n w_n v_n)."""
         *lead, n, d = values.shape
-        v = self.v(values).view(*lead, n, self.heads, self.head_dim)
-        pooled = (weights.unsqueeze(-1) * v).sum(-3)  # (..., h, hd)
+        h, hd = self.heads, self.head_dim
+        mixed = torch.bmm(weights.reshape(-1, n, h).transpose(1, 2), values.reshape(-1, n, d))  # (G, h, d)
+        w_v = self.v.weight.view(h, hd, d)
+        pooled = torch.bmm(mixed.transpose(0, 1), w_v.transpose(1, 2)).transpose(0, 1)  # (G, h, hd)
         return self.out(pooled.reshape(*lead, d))
+
+
+class _PReLU(torch.autograd.Function):
+    """PReLU with one shared slope, as leaky ReLU kernels: the same values as ``F.prelu``,
+    with a backward pass several times cheaper than torch's CPU ``prelu`` backward (which
+    builds a full-size tensor for the slope's gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        slope = float(weight)  # (1,) parameter -> its value
+        ctx.save_for_backward(x)
+        ctx.slope = slope
+        return F.leaky_relu(x, slope)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (x,) = ctx.saved_tensors
+        grad_x = torch.ops.aten.leaky_relu_backward(grad, x, ctx.slope, False)
+        grad_slope = torch.dot(grad.reshape(-1), x.clamp_max(0).reshape(-1)).reshape(1)  # sum over x <= 0 of g x
+        return grad_x, grad_slope
+
+
+def run_unit(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``layers(x)``, with every single-slope ``nn.PReLU`` through ``_PReLU`` (same values)."""
+    for layer in layers:
+        x = _PReLU.apply(x, layer.weight) if isinstance(layer, nn.PReLU) and layer.num_parameters == 1 else layer(x)
+    return x
 
 
 class DinAttention(CachingModule):
@@ -222,17 +302,22 @@ class DinAttention(CachingModule):
         self._serving = KeptValue(self.serving_weights)
 
     def scores(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """(..., d), (..., n, d) -> (..., n) activation-unit logits.
+        """(..., d), (..., n, d) -> (..., n) activation-unit logits (or a query (B, d) shared
+        over keys (B, ..., n, d)).
 
-        The first layer on ``[q, k, q-k, q*k]`` is computed as ``q (W_q + W_d) + k (W_k - W_d)
-        + (q*k) W_p``: the same function, with the query's part once per row instead of once
-        per behaviour and no (..., n, 4d) concatenation.
+        The first layer on ``[q, k, q-k, q*k]`` is ``q (W_q + W_d) + b + k A(q)`` with the
+        row's matrix ``A(q) = (W_k - W_d)^T + diag(q) W_p^T`` (d, h1): the same function as
+        one batched product per query row, with no (..., n, 4d) concatenation and no q * k.
         """
         first = self.unit[0]
         w_q, w_k, w_d, w_p = first.weight.chunk(4, dim=1)  # each (h1, d)
-        per_query = F.linear(query, w_q + w_d, first.bias).unsqueeze(-2)  # (..., 1, h1)
-        hidden = per_query + F.linear(keys, w_k - w_d) + F.linear(query.unsqueeze(-2) * keys, w_p)  # (..., n, h1)
-        return self.unit[1:](hidden).squeeze(-1)
+        d = keys.shape[-1]
+        q = query.reshape(-1, d)  # (M, d): one per query row
+        slots = math.prod(keys.shape[query.dim() - 1 : -1])  # S: behaviours per query row
+        a = torch.addcmul((w_k - w_d).t(), q.unsqueeze(-1), w_p.t())  # (M, d, h1)
+        per_query = F.linear(q, w_q + w_d, first.bias).unsqueeze(1)  # (M, 1, h1)
+        hidden = torch.baddbmm(per_query, keys.reshape(len(q), slots, d), a)  # (M, S, h1)
+        return run_unit(self.unit[1:], hidden).view(keys.shape[:-1])  # (..., n)
 
     def forward(
         self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
@@ -246,35 +331,35 @@ class DinAttention(CachingModule):
         return (masked_softmax(scores, mask).unsqueeze(-1) * values).sum(-2), attention_mass(scores, mask)
 
     def serving_weights(self) -> list[torch.Tensor]:
-        """The unit as plain matrix products on inputs with a trailing 1 (see ``attend``).
+        """The unit as plain matrix products, for inputs with a trailing 1 (see ``attend``).
 
-        Returns [M_1, W_2, ..., W_L]: ``[q, 1] @ M_1`` viewed (d+1, h_1+1) is a row's first
-        layer ``A(q)``, so that ``[k, 1] @ A(q)`` = the first layer on ``[q, k, q-k, q*k]``
-        (the query's part and the bias on the trailing 1 of k); each W_l (h+1, h'+1) is a
-        linear layer with its bias as the last row. Every hidden output keeps a trailing 1
-        (PReLU leaves 1 as it is), so no bias is added apart and no input is concatenated.
+        Returns [W_p^T, B, Q, W_2^T, b_2, ..., W_L^T, b_L]. A row's first layer is the
+        (d+1, h_1) matrix ``A(q)``: row j < d is ``q_j W_p^T[j] + B[j]`` (the (q * k) W_p
+        term, and k (W_k - W_d) from B), row d (the key's trailing 1) is ``[q, 1] @ Q``:
+        q (W_q + W_d) plus the bias, so that ``[k, 1] @ A(q)`` = the first layer on
+        ``[q, k, q-k, q*k]``. Built per row from these pieces in O(d h_1), with no
+        (d+1) x (d+1) h_1 product; the further layers are ``addmm`` on their own widths.
         """
         linears = [m for m in self.unit if isinstance(m, nn.Linear)]
-        first, ones = linears[0], int(len(linears) > 1)  # a hidden layer carries the trailing 1
+        first = linears[0]
         h, d = first.out_features, first.in_features // 4
         w_q, w_k, w_d, w_p = first.weight.chunk(4, dim=1)  # each (h, d)
-        m = first.weight.new_zeros(d + 1, d + 1, h + ones)  # m[i, j]: the weight of q_i in row j of A(q)
-        m[range(d), range(d), :h] = w_p.t()  # (q * k) W_p
-        m[d, :d, :h] = (w_k - w_d).t()  # k (W_k - W_d), from the query's trailing 1
-        m[:d, d, :h] = (w_q + w_d).t()  # q (W_q + W_d), on the key's trailing 1
-        m[d, d, :h] = first.bias
-        if ones:
-            m[d, d, h] = 1.0
-        mats = [m.view(d + 1, -1)]
-        for i, layer in enumerate(linears[1:], start=2):
-            ones = int(i < len(linears))
-            w = layer.weight.new_zeros(layer.in_features + 1, layer.out_features + ones)
-            w[:-1, : layer.out_features] = layer.weight.t()
-            w[-1, : layer.out_features] = layer.bias
-            if ones:
-                w[-1, -1] = 1.0
-            mats.append(w)
+        w_pt = first.weight.new_zeros(d + 1, h)  # row d zero: A(q) puts [q, 1] @ Q there
+        w_pt[:d] = w_p.t()
+        keys = first.weight.new_zeros(d + 1, h)
+        keys[:d] = (w_k - w_d).t()  # k (W_k - W_d)
+        query = torch.cat([(w_q + w_d).t(), first.bias.unsqueeze(0)])  # (d+1, h): [q, 1] @ it, row d of A(q)
+        mats = [w_pt, keys, query]
+        for layer in linears[1:]:
+            mats += [layer.weight.t().contiguous(), layer.bias]
         return mats
+
+    def first_layers(self, query: torch.Tensor) -> torch.Tensor:
+        """``A(q)`` (C, d+1, h_1) for queries with a trailing 1 (C, d+1) (``serving_weights``)."""
+        w_pt, keys, q_part, *_ = self._serving(fresh=self.training or torch.is_grad_enabled())
+        a = torch.addcmul(keys, query.unsqueeze(-1), w_pt)  # (C, d+1, h1); row d: 0 so far
+        a[:, -1] = query @ q_part  # (C, h1)
+        return a
 
     def attend(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, mass: bool = False):
         """``forward(query, keys, keys, mask)`` for one query per row, broadcast over the middle
@@ -284,22 +369,23 @@ class DinAttention(CachingModule):
         -inf where none is.
 
         The same function (float rounding aside) as one matrix product per layer, with the
-        matrices of ``serving_weights`` (kept in eval mode without autograd until ``invalidate_caches``): ``A(q)`` for every row at once, then one batched product for the whole first
-        layer, one product for each further layer; few and large operations.
+        matrices of ``serving_weights`` (kept in eval mode without autograd until
+        ``invalidate_caches``): ``A(q)`` for every row at once, then one batched product for
+        the whole first layer, one product for each further layer; few and large operations.
         """
         c, *lead, n, d1 = keys.shape
         if n == 0:  # no behaviour: as an all-masked row
             out = query.new_zeros(c, *lead, d1)
             return (out, query.new_full((c, *lead), float("-inf"))) if mass else out
-        first, *rest = self._serving(fresh=self.training or torch.is_grad_enabled())
-        x = torch.bmm(keys.reshape(c, -1, d1), (query @ first).view(c, d1, -1))  # (C, S, h1 [+1])
-        for act, w in zip((m for m in self.unit if isinstance(m, nn.PReLU)), rest, strict=False):
-            x = act(x) @ w
-        scores = x.view(mask.shape).masked_fill(~mask, float("-inf"))  # (C, ..., n)
-        weights = torch.nan_to_num(torch.softmax(scores, -1), nan=0.0)  # as masked_softmax
-        groups = x.shape[1] // n * c
+        rest = self._serving(fresh=self.training or torch.is_grad_enabled())[3:]
+        x = torch.bmm(keys.reshape(c, -1, d1), self.first_layers(query))  # (C, S, h1)
+        x = x.view(-1, x.shape[-1])  # (C S, h1)
+        for act, w, b in zip((m for m in self.unit if isinstance(m, nn.PReLU)), rest[::2], rest[1::2], strict=True):
+            x = torch.addmm(b, act(x), w)  # (C S, h_next)
+        weights, lse = softmax_and_mass(x.view(mask.shape), mask)  # (C, ..., n), (C, ...)
+        groups = len(x) // n
         out = torch.bmm(weights.view(groups, 1, n), keys.reshape(groups, n, d1)).view(c, *lead, d1)
-        return (out, torch.logsumexp(scores, -1)) if mass else out
+        return (out, lse) if mass else out
 
 
 class MLP(nn.Module):

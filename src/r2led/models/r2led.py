@@ -6,9 +6,12 @@ Retrieval (no parameters of its own, no gradient):
     (collaborative view); ties go to the more recent behaviour. Plus the last n_s behaviours.
 Refinement:
     SID-level fusion   e~(v) = sum_j g_j(v) [e(v); s_1(v); ...; s_L(v)]_j,  g = softmax(W_g x_v)
-    per-route encoding r_l  = TargetAttention(e~(t), e~(h) + side(h) over route l)
+    per-route encoding r_l  = Attention(e~(t), e~(h) + side(h) over route l)  (DIN's unit, or multi-head)
     route-level fusion z    = softmax_l((W_q e~(t)) . (W_k r_l)) W_v r_l
     head               MLP([user; e~(t); z; r_s; e~(t) * z])
+
+Every switch, with its default and range, is tabled in docs/method.md ("Every setting"),
+generated from ``R2ledConfig`` by ``r2led docs settings``.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
-from r2led.config import ModelConfig
+from r2led.config import HashBits, ModelConfig
 from r2led.data.batches import Batch
 from r2led.models.base import CtrModel, short_window, state_history
 from r2led.models.layers import (
@@ -46,13 +49,15 @@ from r2led.models.user_state import SignatureIndex, UserState
 
 
 class R2ledConfig(ModelConfig):
+    """R2LED's settings (tabled in docs/method.md, generated from this class)."""
+
     name: Literal["r2led"] = "r2led"
     k: int = Field(20, ge=1, le=100_000, description="behaviours retrieved per route")
     rho: float = Field(0.75, ge=0.0, le=1.0, description="mix ratio: share of a route's slots for SID-prefix matches")
     routes: int | None = Field(
         None, ge=1, le=64, description="number of routes R (default: one per SID level); the finest R levels"
     )
-    hash_bits: int = Field(64, ge=64, le=4096, description="SimHash signature bits m (multiple of 64)")
+    hash_bits: HashBits = Field(64, description="SimHash signature bits m (multiple of 64)")
     # on/off switches are booleans: YAML reads `--set model.gate=off` as false.
     gate: bool = Field(True, description="off: e~ = e + mean_l s_l")
     route_fusion: Literal["attention", "mean"] = Field("attention", description="mean: no cross-attention over routes")
@@ -69,12 +74,6 @@ class R2ledConfig(ModelConfig):
     attention: Literal["mha", "din"] = Field(
         "din", description="per-route encoder: multi-head dot-product target attention, or DIN's activation unit"
     )
-
-    @model_validator(mode="after")
-    def _hash_bits(self) -> R2ledConfig:
-        if self.hash_bits % 64:
-            raise ValueError(f"hash_bits must be a multiple of 64, got {self.hash_bits}")
-        return self
 
 
 class SidGate(nn.Module):
@@ -154,6 +153,13 @@ class R2LED(CtrModel):
         self._rank = KeptValue(lambda: self.route_rank.cpu().numpy() if self.use_sid else None)
         self._span = KeptValue(lambda: self.route_span.cpu().numpy() if self.use_sid else None)
         self._tables = KeptValue(self._serving_tables)
+        # Serving switch, not a trained setting: 0 scores every distinct item for the collaborative
+        # view (exact, the batch path's result); b > 0 only the items sharing one of b signature
+        # bands with the candidate, besides its semantic run (``SignatureBands``; approximate).
+        self.collaborative_bands = 0
+        if cfg.attention == "mha":  # the key and value projections of every item, per encoder
+            self._projections_route = KeptValue(lambda: self._projected_tables(self.route_attention))
+            self._projections_short = KeptValue(lambda: self._projected_tables(self.short_attention))
 
     @classmethod
     def wants_sid(cls, cfg: R2ledConfig) -> bool:
@@ -225,7 +231,18 @@ class R2LED(CtrModel):
         span = self._span()[cands] if self.use_sid else None  # (C, R, 2): the SID buckets, as rank ranges
         disjoint = self.use_sid and self.cfg.disjoint_routes
         gen = self.cache_generation if not self.training else -2
-        out, n = index.routes(words[cands], words, gen, span, self.k, quota, self.n_routes, disjoint, state.start)
+        out, n = index.routes(
+            words[cands],
+            words,
+            gen,
+            span,
+            self.k,
+            quota,
+            self.n_routes,
+            disjoint,
+            state.start,
+            self.collaborative_bands,
+        )
         return torch.from_numpy(out), torch.from_numpy(np.arange(self.k) < n[..., None])
 
     # ---- Bi-level Fusion Refinement -----------------------------------------------------
@@ -253,18 +270,20 @@ class R2LED(CtrModel):
         r_items = gather_behaviours(hist, index) * taken  # (B, R, k)
         r_signal = gather_behaviours(signal, index) * taken
 
-        target = self.fused_item(batch.target)  # (B, d)
-        r_kv = self.fused_item(r_items) + self.signal(r_signal)  # (B, R, k, d)
-        n_routes = r_items.shape[1]
-        query = target.unsqueeze(1).expand(-1, n_routes, -1)
+        s_items, s_signal, s_mask = short_window(batch, self.cfg.short_len)  # (B, n_s)
+
+        # SID-level fusion once over every item the batch reads (one pass per distinct item)
+        items = torch.cat([batch.target, r_items.reshape(-1), s_items.reshape(-1)])  # (B + B R k + B n_s,)
+        target, r_fused, s_fused = self.fused_item(items).split([len(batch.target), r_items.numel(), s_items.numel()])
+        r_kv = r_fused.view(*r_items.shape, target.shape[-1]) + self.signal(r_signal)  # (B, R, k, d)
+        # one query per row, shared by its R routes
         if self.cfg.route_mass:
-            routes, mass = self.route_attention.forward_with_mass(query, r_kv, r_kv, taken)  # (B, R, d), (B, R)
+            routes, mass = self.route_attention.forward_with_mass(target, r_kv, r_kv, taken)  # (B, R, d), (B, R)
         else:
-            routes, mass = self.route_attention(query, r_kv, r_kv, taken), None
+            routes, mass = self.route_attention(target, r_kv, r_kv, taken), None
         z = self.route_fusion(target, routes, taken.any(-1), mass)  # (B, d)
 
-        s_items, s_signal, s_mask = short_window(batch, self.cfg.short_len)  # (B, n_s)
-        s_kv = self.fused_item(s_items) + self.signal(s_signal)  # (B, n_s, d)
+        s_kv = s_fused.view(*s_items.shape, target.shape[-1]) + self.signal(s_signal)  # (B, n_s, d)
         r_short = self.short_attention(target, s_kv, s_kv, s_mask)  # (B, d)
 
         x = torch.cat([self.user_repr(batch), target, z, r_short, target * z], dim=-1)
@@ -283,27 +302,47 @@ class R2LED(CtrModel):
         items = self._fused_item(torch.arange(self.spec.n_items + 1, device=self.signal.weight.device))
         return torch.cat([items, items.new_ones(len(items), 1)], dim=1), F.pad(self.signal.weight, (0, 1))
 
+    def encoder_tables(self, encoder: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``encoder`` (``route_attention`` or ``short_attention``) reads per behaviour,
+        as per-item and per-signal tables whose rows add up to the behaviour's: DIN's unit, the
+        ``serving_tables``; multi-head attention, their key and value projections
+        (``TargetAttention.project``: (N+1, 2d), (S, 2d)), kept the same way."""
+        if isinstance(encoder, DinAttention):
+            return self.serving_tables()
+        fresh = self.training or torch.is_grad_enabled()
+        kept = self._projections_route if encoder is self.route_attention else self._projections_short
+        return kept(fresh=fresh)
+
+    def _projected_tables(self, encoder: TargetAttention) -> tuple[torch.Tensor, torch.Tensor]:
+        items, signals = self.serving_tables()
+        return encoder.project(items[:, :-1]), encoder.project(signals[:, :-1])
+
+    def request_behaviours(self, encoder: nn.Module, items: torch.Tensor, signals: torch.Tensor) -> torch.Tensor:
+        """The rows ``encoder`` reads for behaviours (items, signals) (n,): (n, d+1) or (n, 2d)
+        (``encoder_tables``); gathered, nothing computed per behaviour."""
+        item_rows, signal_rows = self.encoder_tables(encoder)
+        return item_rows.index_select(0, items) + signal_rows.index_select(0, signals)
+
     def _score_request(self, state: UserState, index, candidates: torch.Tensor) -> torch.Tensor:
         """``forward`` for one user state x C candidates: the same function, within float
         rounding. Retrieval from the state's index (``request_routes``), items from
-        ``serving_tables``, only the slots' behaviours gathered, DIN's unit as a few large
-        products (``DinAttention.attend``), the user part computed once."""
+        ``serving_tables`` (and, for multi-head attention, their projections), only the slots'
+        behaviours gathered, the short window's once for every row, each encoder as a few
+        large products, the user part computed once."""
         index, taken = self.request_routes(state, candidates)  # (C, R, k) positions
-        items, signals = self.serving_tables()
+        items, _ = self.serving_tables()
         target = items.index_select(0, candidates)  # (C, d+1)
         hist, signal = state_history(state)  # (T,) views
         flat = index.view(-1)
-        r_kv = items.index_select(0, hist.index_select(0, flat)) + signals.index_select(
-            0, signal.index_select(0, flat)
-        )  # (C R k, d+1)
+        r_rows = self.request_behaviours(self.route_attention, hist.index_select(0, flat), signal.index_select(0, flat))
         routes, mass = self._serve_attention(
-            self.route_attention, target, r_kv.view(*index.shape, -1), taken, self.cfg.route_mass
-        )
+            self.route_attention, target, r_rows.view(*index.shape, -1), taken, self.cfg.route_mass
+        )  # (C, R, d), (C, R)
         s_items, s_signal = self.request_short(state, self.cfg.short_len)  # (n_s,)
-        s_kv = items.index_select(0, s_items) + signals.index_select(0, s_signal)  # (n_s, d+1)
-        rows = (len(target), *s_kv.shape)  # the short window: the same behaviours for every row
-        s_mask = torch.ones(rows[:2], dtype=torch.bool)
-        r_short, _ = self._serve_attention(self.short_attention, target, s_kv.expand(rows), s_mask)  # (C, d)
+        s_rows = self.request_behaviours(self.short_attention, s_items, s_signal)  # (n_s, .): shared by the rows
+        r_short, _ = self._serve_attention(
+            self.short_attention, target, s_rows, torch.ones(len(s_items), dtype=torch.bool)
+        )  # (C, d)
         target = target[:, :-1]
         z = self.route_fusion(target, routes, taken.any(-1), mass)  # (C, d)
         x = torch.cat([self.request_user_repr(state, len(target)), target, z, r_short, target * z], dim=-1)
@@ -311,15 +350,15 @@ class R2LED(CtrModel):
 
     @staticmethod
     def _serve_attention(
-        attention: nn.Module, target: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, mass: bool = False
+        attention: nn.Module, target: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, mass: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``attention`` of each candidate over its behaviours: target (C, d+1), kv (C, ..., n, d+1)
-        with trailing 1s -> (C, ..., d), and with ``mass`` the attention mass (C, ...) as
-        ``forward_with_mass`` (else None)."""
+        """``attention`` of each candidate over its behaviours' rows (``request_behaviours``):
+        target (C, d+1) with its trailing 1; rows (C, ..., n, .) with mask (C, ..., n), or
+        (n, .) with mask (n,) shared by every row -> (C, ..., d), and with ``mass`` the
+        attention mass (C, ...) as ``forward_with_mass`` (else None)."""
         if isinstance(attention, DinAttention):
-            out = attention.attend(target, kv, mask, mass)
+            if rows.dim() == 2:  # shared: DIN's unit is per (candidate, behaviour) pair anyway
+                rows, mask = rows.expand(len(target), *rows.shape), mask.expand(len(target), *mask.shape)
+            out = attention.attend(target, rows, mask, mass)
             return (out[0][..., :-1], out[1]) if mass else (out[..., :-1], None)
-        query = target[:, :-1].reshape(len(target), *(1 for _ in kv.shape[2:-1]), -1).expand(*kv.shape[:-2], -1)
-        if mass:
-            return attention.forward_with_mass(query, kv[..., :-1], kv[..., :-1], mask)
-        return attention(query, kv[..., :-1], kv[..., :-1], mask), None
+        return attention.attend(target[:, :-1], rows, mask, mass)

@@ -24,11 +24,18 @@ evaluation batch, one process per point, synthetic store with 3,000 behaviours p
 B = 128, T in {500, 2000}, k in {20, 1000, 4000}, d in {32, 64}; evaluation at B = 512) and
 are stated below. On those 29 points estimate / measured lies between 0.95 and 1.6; on a full
 ml-100k epoch (R2LED and DIN over the whole history, default settings) it is 0.8 to 1.4.
+
+``tune_allocator`` sets glibc's malloc up for training: a step allocates and frees the same
+few-MB activation buffers every time, and with glibc's defaults they are mapped and unmapped
+(or the heap trimmed) each step, so every step page-faults them in again (about 1,100 minor
+faults per R2LED step on ml-1m). Kept, they are reused (about 90 per step, measured).
 """
 
 from __future__ import annotations
 
+import ctypes
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,3 +257,25 @@ def _knobs(cfg: RunConfig, est: MemoryEstimate) -> str:
     knobs = [*retrieved, *history] if est.slots > est.length else [*history, *retrieved]
     knobs = [knobs[0], batch, "model.dim", *knobs[1:]] if knobs else [batch, "model.dim"]
     return ", ".join(knobs[:-1]) + " or " + knobs[-1]
+
+
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 * 2**20  # blocks below this come from the heap (glibc's largest allowed value)
+TRIM_THRESHOLD = 2**30  # free memory at the heap's top kept up to this, instead of returned
+
+
+def tune_allocator() -> bool:
+    """Let glibc's malloc keep and reuse what a training step frees (see the module
+    docstring): allocations under 32 MB from the heap, and up to 1 GB of freed heap kept.
+    Measured on ml-1m (40 R2LED training steps, 1 thread, one process each, twice): peak RSS
+    802-842 MB tuned against 795-799 MB untuned, and 1-3 % more samples/s on an idle machine
+    (more under load, when page faults cost more). Returns whether it applied (False off glibc,
+    e.g. macOS or musl: nothing changes there)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))

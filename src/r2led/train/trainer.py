@@ -43,9 +43,9 @@ from r2led.errors import R2ledError
 from r2led.models.registry import build_model, model_class
 from r2led.models.spec import DataSpec
 from r2led.sid.table import SidTable
-from r2led.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from r2led.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from r2led.train.distributed import Distributed, configure_threads, local_batch_size, shard_store
-from r2led.train.memory import EVAL_TOKENS, check_memory
+from r2led.train.memory import EVAL_TOKENS, check_memory, tune_allocator
 from r2led.train.metrics import ctr_metrics
 from r2led.train.run_folder import (  # noqa: F401  (read_run_config: re-exported for callers)
     check_run_folder,
@@ -67,6 +67,27 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def train_step(net: torch.nn.Module, model, optimizer: torch.optim.Optimizer, batch) -> float:
+    """One optimisation step on ``batch``: forward, loss, backward, optimiser step; returns the
+    loss. A non-finite loss is returned before anything is updated (the caller stops).
+
+    ``net`` is the module called (``model`` or its DistributedDataParallel wrapper), ``model``
+    the one whose ``loss`` is used. The trainer and ``r2led bench train-speed`` both time this.
+    """
+    # after an evaluation (train() clears the models' kept values). Evaluation puts ``model``
+    # in eval mode, not a DDP wrapper around it, whose own flag stays True: check the model.
+    if not (net.training and model.training):
+        net.train()
+    loss = model.loss(batch, net(batch))
+    value = loss.item()
+    if not math.isfinite(value):
+        return value
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return value
 
 
 def load_sid(store: LifelongStore, cfg: RunConfig) -> SidTable | None:
@@ -155,13 +176,14 @@ class Trainer:
         self.show_progress = show_progress
         self.dist = Distributed.from_env()
         self.threads = configure_threads(cfg.train.threads, self.dist)
+        tune_allocator()  # training reuses its step buffers instead of faulting them in each step
         seed_everything(cfg.train.seed)
         self.store = LifelongStore(data)
         self.fingerprints = fingerprints(self.store.root, cfg)
         # every rank checks (read-only); building DDP below syncs the ranks before rank 0 writes
         self.action = check_run_folder(self.out, self.store.root, cfg, self.fingerprints, resume=resume, force=force)
         self.sid = load_sid(self.store, cfg)
-        self.memory = check_memory(
+        check_memory(
             cfg,
             self.store.manifest,
             self.sid.vocab_sizes if self.sid else None,
@@ -194,24 +216,6 @@ class Trainer:
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.setLevel(logging.INFO)
 
-    # ---- state --------------------------------------------------------------------------
-    def _state(
-        self, epoch: int, batch: int, best: float, bad: int, history: list, train_seconds: float, seen: int
-    ) -> dict:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "epoch": epoch,
-            "batch": batch,
-            "best_auc": best,
-            "bad_evals": bad,
-            "history": history,
-            "train_seconds": train_seconds,
-            "samples_seen": seen,
-            "rng": rng_state(),
-            "config": self.cfg.model_dump(),
-        }
-
     def _evaluate(self, split: str, predictions: Path | None = None) -> dict:
         return evaluate_split(
             self.model, self.store, split, self.cfg, self.cfg.train.max_eval_samples, predictions, self.dist
@@ -221,38 +225,30 @@ class Trainer:
     def fit(self) -> dict:
         """Train, early-stop on valid AUC, evaluate the best checkpoint on test; returns metrics."""
         last = self.out / "last.pt"
-        resume_from = (
-            load_checkpoint(last) if self.action == "resume" and last.is_file() else None
-        )  # read before writing
+        resumed = self.action == "resume" and last.is_file()
+        state = TrainState.load(last, self.model, self.optimizer) if resumed else TrainState()  # before writing
         self._start_run_folder()
         handler = self._log_handler
         if handler is not None:  # this run's log file, for this fit only (several runs per process)
             log.addHandler(handler)
         try:
-            return self._fit(resume_from)
+            if resumed:
+                log.info(
+                    "resumed from %s at epoch %d batch %d (best valid AUC %.4f)",
+                    last,
+                    state.epoch,
+                    state.step,
+                    state.best_auc,
+                )
+            return self._fit(state)
         finally:
             if handler is not None:
                 log.removeHandler(handler)
                 handler.close()
 
-    def _fit(self, state: dict | None) -> dict:
+    def _fit(self, state: TrainState) -> dict:
         tc = self.cfg.train
         t_start = time.perf_counter()
-        epoch, start_batch, best, bad, history = 0, 0, -1.0, 0, []
-        train_seconds, seen = 0.0, 0
-        if state is not None:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            epoch, start_batch, best, bad = state["epoch"], state["batch"], state["best_auc"], state["bad_evals"]
-            history, train_seconds, seen = state["history"], state["train_seconds"], state["samples_seen"]
-            set_rng_state(state["rng"])
-            log.info(
-                "resumed from %s at epoch %d batch %d (best valid AUC %.4f)",
-                self.out / "last.pt",
-                epoch,
-                start_batch,
-                best,
-            )
         net = self.ddp or self.model
         batches = BatchIterator(
             self.store,
@@ -263,7 +259,7 @@ class Trainer:
             seed=tc.seed,
             bucket=tc.bucket,  # the store is this rank's shard (equal sizes: equal step counts)
         )
-        stop = bad > tc.patience
+        stop = state.bad_evals > tc.patience
         progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -275,47 +271,41 @@ class Trainer:
             transient=False,
         )
         with progress:
-            while epoch < tc.epochs and not stop:
-                batches.epoch = epoch
+            while state.epoch < tc.epochs and not stop:
+                batches.epoch = state.epoch
                 n_batches = len(batches)
                 eval_points = {round(n_batches * (i + 1) / tc.evals_per_epoch) for i in range(tc.evals_per_epoch)}
                 task = progress.add_task(
-                    f"epoch {epoch + 1}/{tc.epochs}", total=n_batches, completed=start_batch, info=""
+                    f"epoch {state.epoch + 1}/{tc.epochs}", total=n_batches, completed=state.step, info=""
                 )
                 running, t_seg = None, time.perf_counter()
-                for b, batch in enumerate(batches):
-                    if b < start_batch:
-                        continue
-                    net.train()
-                    logits = net(batch)
-                    loss = self.model.loss(batch, logits)
-                    value = loss.item()
-                    if not math.isfinite(value):  # stop before the step: the checkpoints stay as they were
+                for batch in batches.iter_from(state.step):  # the data position: batches before it are not built
+                    value = train_step(net, self.model, self.optimizer, batch)
+                    if not math.isfinite(value):  # stopped before the step: the checkpoints stay as they were
                         raise TrainingDiverged(
-                            f"training diverged at epoch {epoch + 1}, step {b + 1}: the loss is {value}; "
-                            f"lower train.lr, now {tc.lr:g}"
+                            f"training diverged at epoch {state.epoch + 1}, step {state.step + 1}: the loss is "
+                            f"{value}; lower train.lr, now {tc.lr:g}"
                         )
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    self.optimizer.step()
-                    seen += len(batch) * self.dist.world
+                    state.step += 1
+                    state.samples_seen += len(batch) * self.dist.world
                     running = value if running is None else 0.98 * running + 0.02 * value
                     progress.update(task, advance=1, info=f"loss {running:.4f}")
-                    if b + 1 in eval_points:
-                        train_seconds += time.perf_counter() - t_seg
-                        stop, best, bad = self._checkpoint(
-                            epoch, b + 1, best, bad, history, train_seconds, seen, n_batches
-                        )
+                    if state.step in eval_points:
+                        state.train_seconds += time.perf_counter() - t_seg
+                        stop = self._checkpoint(state, n_batches)
                         t_seg = time.perf_counter()
                         if stop:
                             break
-                start_batch = 0
-                epoch += 1
-        return self._finish(best, history, train_seconds, seen, time.perf_counter() - t_start)
+                if state.step >= n_batches:  # an epoch without batches (the checkpoint moves on otherwise)
+                    state.epoch, state.step = state.epoch + 1, 0
+        return self._finish(
+            state.best_auc, state.history, state.train_seconds, state.samples_seen, time.perf_counter() - t_start
+        )
 
-    def _checkpoint(self, epoch, batch, best, bad, history, train_seconds, seen, n_batches) -> tuple[bool, float, int]:
-        """Evaluate on valid (rank 0), keep the best model, save resumable state, decide to stop."""
-        stop = False
+    def _checkpoint(self, state: TrainState, n_batches: int) -> bool:
+        """Evaluate on valid (rank 0), keep the best model, save the resumable state (at the end
+        of an epoch: the start of the next), decide to stop. Returns whether to stop."""
+        epoch, batch = state.epoch, state.step
         # every rank: the replicas are identical, so all ranks stop together
         broken = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
         if broken:
@@ -324,12 +314,15 @@ class Trainer:
                 f"finite (first {broken[0]}); lower train.lr, now {self.cfg.train.lr:g}"
             )
         metrics = self._evaluate("valid")  # every rank scores its shard; rank 0 gets the metrics
+        if batch >= n_batches:  # the epoch is done: the position is the next epoch's start
+            state.epoch, state.step = epoch + 1, 0
+        stop = False
         if self.dist.main:
-            metrics.update(epoch=epoch + batch / n_batches, train_seconds=round(train_seconds, 1))
-            history.append(metrics)
-            improved = metrics["auc"] > best
+            metrics.update(epoch=epoch + batch / n_batches, train_seconds=round(state.train_seconds, 1))
+            state.history.append(metrics)
+            improved = metrics["auc"] > state.best_auc
             if improved:
-                best, bad = metrics["auc"], 0
+                state.best_auc, state.bad_evals = metrics["auc"], 0
                 save_checkpoint(
                     {
                         "model": self.model.state_dict(),
@@ -340,16 +333,10 @@ class Trainer:
                     self.out / "best.pt",
                 )
             else:
-                bad += 1
-            stop = bad > self.cfg.train.patience
-            at_end = batch >= n_batches
-            save_checkpoint(
-                self._state(
-                    epoch + 1 if at_end else epoch, 0 if at_end else batch, best, bad, history, train_seconds, seen
-                ),
-                self.out / "last.pt",
-            )
-            write_json_atomic(self.out / "history.json", history)
+                state.bad_evals += 1
+            stop = state.bad_evals > self.cfg.train.patience
+            state.save(self.out / "last.pt", self.model, self.optimizer, self.cfg.model_dump())
+            write_json_atomic(self.out / "history.json", state.history)
             log.info(
                 "epoch %.2f valid auc %.4f logloss %.4f gauc %.4f%s",
                 metrics["epoch"],
@@ -359,7 +346,7 @@ class Trainer:
                 " (best)" if improved else "",
             )
         self.dist.barrier()
-        return self.dist.broadcast_flag(stop), best, bad
+        return self.dist.broadcast_flag(stop)
 
     def _finish(self, best, history, train_seconds, seen, seconds) -> dict:
         result: dict = {}
