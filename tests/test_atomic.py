@@ -369,7 +369,8 @@ before = snap(root / "sid")
 res = {}
 # 20,000 x 3 int64: codes.npy (469 KiB) fits in the 768 KiB filesystem, prefix_tokens.npy does not
 big = SidTable.from_codes(np.random.default_rng(0).integers(0, 16, (20_000, 3)), {"encoder": "new"})
-for name, write in [("sid", lambda: big.save(root / "sid")), ("file", lambda: write_bytes_atomic(root / "f.bin", b"x" * 2**20))]:
+writers = [("sid", lambda: big.save(root / "sid")), ("file", lambda: write_bytes_atomic(root / "f.bin", b"x" * 2**20))]
+for name, write in writers:
     try:
         write()
         res[name] = "written"

@@ -5,22 +5,21 @@ from pathlib import Path
 
 import pytest
 
+from fast_training import FAST
 from r2led.bench.accuracy import ABLATIONS, run_accuracy
+from r2led.config import BenchConfig
 from r2led.errors import ConfigError
 
-FAST = [
-    "train.lr=0.01",
-    "train.batch_size=64",
-    "train.eval_batch_size=256",
-    "train.t_max=64",
-    "train.threads=1",
-    "train.epochs=1",
-]
+
+def run(store, models: list[str], seeds: int, out, overrides=FAST, report_only=False, grid=None, **bench):
+    """``run_accuracy`` of ``models`` x ``seeds`` with ``bench`` settings (no ablations unless asked)."""
+    config = BenchConfig(models=models, seeds=seeds, **{"ablations": False, **bench})
+    return run_accuracy(store.root, config, out, overrides=overrides, report_only=report_only, grid=grid)
 
 
 def test_accuracy_benchmark_writes_tables_plot_and_pvalues(tiny_store, tmp_path):
     out = tmp_path / "res"
-    results = run_accuracy(tiny_store.root, ["r2led", "din"], 2, out, overrides=FAST, ablations=True, fairness=True)
+    results = run(tiny_store, ["r2led", "din"], 2, out, ablations=True, fairness=True)
     assert set(results) == {"r2led", "din", "din +sid", *[f"r2led {a}" for a in ABLATIONS]}
     saved = json.loads((out / "results.json").read_text())["results"]
     din = saved["din"]
@@ -36,15 +35,15 @@ def test_accuracy_benchmark_writes_tables_plot_and_pvalues(tiny_store, tmp_path)
     assert (out / "auc.png").stat().st_size > 1000
     # a second call reuses every finished run (no retraining: the run folders are untouched)
     stamp = (out / "runs" / "din" / "seed0" / "metrics.json").stat().st_mtime
-    again = run_accuracy(tiny_store.root, ["r2led", "din"], 2, out, overrides=FAST, ablations=True, fairness=True)
+    again = run(tiny_store, ["r2led", "din"], 2, out, ablations=True, fairness=True)
     assert (out / "runs" / "din" / "seed0" / "metrics.json").stat().st_mtime == stamp
     assert again["din"]["test"] == results["din"]["test"]
 
 
 def test_report_only_tabulates_finished_runs_and_trains_nothing(tiny_store, tmp_path):
     out = tmp_path / "res"
-    run_accuracy(tiny_store.root, ["din"], 1, out, overrides=FAST, ablations=False)
-    results = run_accuracy(tiny_store.root, ["din", "eta"], 2, out, overrides=FAST, ablations=False, report_only=True)
+    run(tiny_store, ["din"], 1, out)
+    results = run(tiny_store, ["din", "eta"], 2, out, report_only=True)
     assert set(results) == {"din"} and len(results["din"]["seeds"]) == 1
     assert not (out / "runs" / "eta").exists() and not (out / "runs" / "din" / "seed1").exists()
     assert "| din | 1 |" in (out / "results.md").read_text()
@@ -52,15 +51,13 @@ def test_report_only_tabulates_finished_runs_and_trains_nothing(tiny_store, tmp_
 
 def test_a_finished_run_with_other_settings_is_refused_not_reused(tiny_store, tmp_path):
     out = tmp_path / "res"
-    run_accuracy(tiny_store.root, ["din"], 1, out, overrides=FAST, ablations=False)
+    run(tiny_store, ["din"], 1, out)
     # the same command with threads changed reuses the run (threads do not change the model)
-    run_accuracy(tiny_store.root, ["din"], 1, out, overrides=[*FAST, "train.threads=2"], ablations=False)
+    run(tiny_store, ["din"], 1, out, overrides=[*FAST, "train.threads=2"])
     with pytest.raises(ConfigError, match=r"model.dropout: 0.0 → 0.1"):
-        run_accuracy(tiny_store.root, ["din"], 1, out, overrides=[*FAST, "model.dropout=0.1"], ablations=False)
+        run(tiny_store, ["din"], 1, out, overrides=[*FAST, "model.dropout=0.1"])
     with pytest.raises(ConfigError, match=r"train.lr: 0.01 → 0.02"):
-        run_accuracy(
-            tiny_store.root, ["din"], 1, out, overrides=[*FAST, "train.lr=0.02"], ablations=False, report_only=True
-        )
+        run(tiny_store, ["din"], 1, out, overrides=[*FAST, "train.lr=0.02"], report_only=True)
 
 
 SMALL_GRID = """
@@ -78,7 +75,7 @@ def test_search_on_valid_runs_the_whole_grid_and_trains_the_best(tiny_store, tmp
     out = tmp_path / "res"
     grid = tmp_path / "grid.yaml"
     grid.write_text(SMALL_GRID)
-    results = run_accuracy(tiny_store.root, ["din"], 1, out, overrides=FAST, ablations=False, search=True, grid=grid)
+    results = run(tiny_store, ["din"], 1, out, grid=grid, search=True)
     searched = json.loads((out / "search.json").read_text())["din"]
     trials = searched["trials"]
     # lr x short_len x dropout, lr outermost: every combination once
@@ -104,7 +101,7 @@ def test_search_on_valid_runs_the_whole_grid_and_trains_the_best(tiny_store, tmp
     ).read_text()
     # resumable: a second call trains nothing (every trial's metrics.json untouched)
     stamps = {t["run"]: (Path(t["run"]) / "metrics.json").stat().st_mtime_ns for t in trials}
-    run_accuracy(tiny_store.root, ["din"], 1, out, overrides=FAST, ablations=False, search=True, grid=grid)
+    run(tiny_store, ["din"], 1, out, grid=grid, search=True)
     assert stamps == {t["run"]: (Path(t["run"]) / "metrics.json").stat().st_mtime_ns for t in trials}
 
 
@@ -124,7 +121,7 @@ def test_a_diverged_trial_is_recorded_never_chosen_and_not_retrained(tiny_store,
 
     monkeypatch.setattr(accuracy, "_train", train)
     out = tmp_path / "res"
-    run_accuracy(tiny_store.root, ["din"], 1, out, overrides=FAST, ablations=False, search=True, grid=grid)
+    run(tiny_store, ["din"], 1, out, grid=grid, search=True)
     trials = json.loads((out / "search.json").read_text())["din"]["trials"]
     diverged = [t for t in trials if t["valid_auc"] is None]
     assert len(diverged) == 2 and all("diverged by epoch 1" in t["diverged"] for t in diverged)
@@ -132,7 +129,7 @@ def test_a_diverged_trial_is_recorded_never_chosen_and_not_retrained(tiny_store,
     chosen = json.loads((out / "search.json").read_text())["din"]["chosen"]
     assert chosen == max((t for t in trials if t["valid_auc"] is not None), key=lambda t: t["valid_auc"])["overrides"]
     calls.clear()
-    run_accuracy(tiny_store.root, ["din"], 1, out, overrides=FAST, ablations=False, search=True, grid=grid)
+    run(tiny_store, ["din"], 1, out, grid=grid, search=True)
     assert not any(c.startswith("search/") and "dropout=0.1" in c and "lr=0.02" in c for c in calls)
 
 
@@ -161,7 +158,8 @@ def test_the_declared_grid_gives_every_model_the_same_sixteen_valid_trials():
         ("lr: [0.001]\nmodels:\n  din:\n    knobs: {model.dropout: [0.0, 0.1], model.short_len: [30, 50]}\n", "why"),
         ("lr: [0.001]\nmodels:\n  din:\n    why: x\n    knobs: {model.dropout: [0.0, 0.1]}\n", "exactly two knobs"),
         (
-            "lr: [0.001]\nmodels:\n  din:\n    why: x\n    knobs: {model.dropout: [0.0, 0.1, 0.2], model.short_len: [30, 50]}\n",
+            "lr: [0.001]\nmodels:\n  din:\n    why: x\n"
+            "    knobs: {model.dropout: [0.0, 0.1, 0.2], model.short_len: [30, 50]}\n",
             "two values",
         ),
         ("models: {}\n", "lr"),
@@ -178,8 +176,23 @@ def test_a_grid_that_breaks_the_equal_budget_is_refused(tmp_path, text, named):
 
 def test_report_only_search_trains_nothing_and_leaves_out_unsearched_models(tiny_store, tmp_path):
     out = tmp_path / "res"
-    results = run_accuracy(
-        tiny_store.root, ["din", "eta"], 1, out, overrides=FAST, ablations=False, search=True, report_only=True
-    )
+    results = run(tiny_store, ["din", "eta"], 1, out, report_only=True, search=True)
     assert results == {} and not (out / "runs").exists()
     assert json.loads((out / "search.json").read_text()) == {}
+
+
+def test_the_command_reads_bench_settings_from_files_set_and_options(tiny_store, tmp_path):
+    from typer.testing import CliRunner
+
+    from r2led.cli import app
+
+    out = tmp_path / "res"
+    (tmp_path / "bench.yaml").write_text("bench: {models: [din], seeds: 5, ablations: false}\ntrain: {lr: 0.02}\n")
+    args = ["bench", "accuracy", str(tiny_store.root), "--out", str(out), "--report-only"]
+    args += ["--config", str(tmp_path / "bench.yaml"), "--set", "bench.models=din,eta", "--seeds", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    # models from --set over the file, seeds from the option over the file; train.* goes to the runs
+    assert meta["models"] == ["din", "eta"] and meta["seeds"] == [0, 1] and meta["search"] is False
+    assert meta["defaults"]["din"]["train"]["lr"] == 0.02

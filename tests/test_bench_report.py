@@ -12,19 +12,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from fast_training import FAST
 from r2led.bench.accuracy import run_accuracy
 from r2led.bench.report import load_results, render, usable_intervals, write_report
 from r2led.bench.significance import UserBootstrap, percentile_ci
 from r2led.cli import app
+from r2led.config import BenchConfig
 
-FAST = [
-    "train.lr=0.01",
-    "train.batch_size=64",
-    "train.eval_batch_size=256",
-    "train.t_max=64",
-    "train.threads=1",
-    "train.epochs=1",
-]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -32,16 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 def bench(tiny_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     out, pub = root / "out", root / "pub"
-    run_accuracy(
-        tiny_store.root,
-        ["r2led", "din", "avgpool"],
-        2,
-        out,
-        overrides=FAST,
-        ablations=False,
-        publish=pub,
-        replicates=300,
-    )
+    bench = BenchConfig(models=["r2led", "din", "avgpool"], seeds=2, ablations=False, replicates=300)
+    run_accuracy(tiny_store.root, bench, out, overrides=FAST, publish=pub)
     return tiny_store, out, pub
 
 
@@ -191,7 +177,9 @@ def test_the_repository_results_folder_and_results_page_agree():
 def test_publish_keeps_only_the_current_benchmark_runs(tmp_path):
     from r2led.bench.report import publish
 
-    rec = lambda label, seed: {"label": label, "seed": seed}
+    def rec(label: str, seed: int) -> dict:
+        return {"label": label, "seed": seed}
+
     publish(tmp_path, {}, None, None, [rec("a", 0), rec("a", 1), rec("b c", 0)])
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("runs/*/*.json")) == [
         "runs/a/seed0.json",

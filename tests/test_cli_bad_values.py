@@ -17,20 +17,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from fast_training import FAST_SMALL as FAST
 from r2led.cli import app
 from r2led.cli.common import MAX_MESSAGE, error_line, one_line
 from r2led.config import load_config
 from r2led.errors import DataError
 from r2led.train.trainer import Trainer
-
-FAST = [
-    "train.batch_size=64",
-    "train.eval_batch_size=256",
-    "train.t_max=64",
-    "model.dim=16",
-    "train.threads=1",
-    "train.epochs=1",
-]
 
 
 def invoke(*args: str):
@@ -78,12 +70,14 @@ CASES = [
     (["data", "info", "{tmp}/nothing"], "not a prepared store"),
     (["data", "info"], "Missing argument"),
     # sid build / info
-    (["sid", "build", "{data}", "--levels", "0", "--out", "x"], "levels"),
-    (["sid", "build", "{data}", "--codebook", "abc", "--out", "x"], "codebook 'abc'"),
-    (["sid", "build", "{data}", "--codebook", "1", "--out", "x"], "at least 2 codes"),
-    (["sid", "build", "{data}", "--encoder", "bogus", "--out", "x"], "unknown encoder 'bogus'"),
-    (["sid", "build", "{data}", "--quantizer", "bogus", "--out", "x"], "unknown quantizer 'bogus'"),
-    (["sid", "build", "{data}", "--seed", "-1", "--out", "x"], "--seed"),
+    (["sid", "build", "{data}", "--levels", "0", "--out", "x"], "levels = 0 is out of range: must be in [1, 64]"),
+    (["sid", "build", "{data}", "--codebook", "abc", "--out", "x"], "codebook: expected one size (16)"),
+    (["sid", "build", "{data}", "--codebook", "1", "--out", "x"], "codebook.0 = 1 is out of range: must be >= 2"),
+    (["sid", "build", "{data}", "--encoder", "bogus", "--out", "x"], "encoder: Input should be 'minilm'"),
+    (["sid", "build", "{data}", "--quantizer", "bogus", "--out", "x"], "(got 'bogus')"),
+    (["sid", "build", "{data}", "--seed", "-1", "--out", "x"], "seed = -1 is out of range"),
+    (["sid", "build", "{data}", "--set", "levles=2", "--out", "x"], "levles: Extra inputs are not permitted"),
+    (["sid", "build", "{data}", "--config", "{tmp}/missing.yaml"], "config file not found"),
     (["sid", "build", "{data}", "--out", "../escape"], "plain folder name"),
     (["sid", "build", "{tmp}/nothing"], "not a prepared store"),
     (["sid", "info", "{data}", "--name", "nope"], "no SID table"),
@@ -123,7 +117,9 @@ CASES = [
     (["evaluate", "{tmp}/nothing"], "not a run folder"),
     (["evaluate", "{run}", "--split", "bogus"], "bogus"),
     # bench
-    (["bench", "accuracy", "{data}", "--out", "{tmp}/b", "--seeds", "0"], "--seeds"),
+    (["bench", "accuracy", "{data}", "--out", "{tmp}/b", "--seeds", "0"], "bench.seeds = 0 is out of range"),
+    (["bench", "accuracy", "{data}", "--out", "{tmp}/b", "--set", "bench.replicates=0"], "bench.replicates = 0"),
+    (["bench", "accuracy", "{data}", "--out", "{tmp}/b", "--set", "bench.sedes=2"], "bench.sedes: Extra inputs"),
     (["bench", "accuracy", "{data}", "--out", "{tmp}/b", "--models", "bogus"], "unknown model 'bogus'"),
     (
         ["bench", "accuracy", "{data}", "--out", "{tmp}/b", "--models", "din", "--set", "train.lr=5"],

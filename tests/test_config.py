@@ -7,9 +7,17 @@ import typing
 import pytest
 from pydantic import BaseModel
 
-from r2led.config import TrainConfig, field_range, load_config
+from r2led.config import (
+    BenchConfig,
+    SidConfig,
+    TrainConfig,
+    field_range,
+    load_bench_config,
+    load_config,
+    model_config_class,
+)
 from r2led.errors import ConfigError
-from r2led.models.registry import MODELS, model_config_class
+from r2led.models.registry import MODELS
 
 
 def _numeric_fields(cls: type[BaseModel]) -> list[str]:
@@ -21,7 +29,9 @@ def _numeric_fields(cls: type[BaseModel]) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("cls", [TrainConfig, *(model_config_class(n) for n in MODELS)], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls", [TrainConfig, SidConfig, BenchConfig, *(model_config_class(n) for n in MODELS)], ids=lambda c: c.__name__
+)
 def test_every_number_declares_both_ends_of_its_range(cls):
     for name in _numeric_fields(cls):
         rng = field_range(cls, name)
@@ -69,3 +79,30 @@ def test_values_inside_the_ranges_still_load():
         None, ["train.lr=1", "model.rho=0", "model.k=100000", "train.seed=4294967295", "model.dim=48", "model.heads=4"]
     )
     assert cfg.train.lr == 1 and cfg.model.k == 100_000 and cfg.model.dim == 48
+
+
+def test_every_registered_model_is_found_by_the_config_layer_and_r2led_comes_first():
+    from r2led import config
+    from r2led.models.registry import model_class
+
+    names = list(config.registered_models())
+    assert names == list(MODELS) and names[0] == "r2led" and names[1:] == sorted(names[1:]) and len(names) == 9
+    for name in names:  # found by the config layer through the entry points, without the registry
+        assert config.model_config_class(name) is model_class(name).config_class
+        assert load_config(None, [f"model.name={name}"]).model.__class__ is model_class(name).config_class
+
+
+def test_bench_settings_come_from_the_bench_section_and_runs_ignore_it(tmp_path):
+    path = tmp_path / "bench.yaml"
+    path.write_text("bench: {models: [din, eta], seeds: 5}\ntrain: {lr: 0.002}\n")
+    bench = load_bench_config([path], ["bench.seeds=2", "bench.fairness=true"])
+    assert (bench.models, bench.seeds, bench.fairness, bench.replicates) == (["din", "eta"], 2, True, 1000)
+    assert load_bench_config(None, ["bench.models=r2led,din"]).models == ["r2led", "din"]
+    cfg = load_config([path], ["bench.seeds=2"], ignore=("bench",))
+    assert cfg.train.lr == 0.002
+    with pytest.raises(ConfigError, match="bench: Extra inputs are not permitted"):
+        load_config([path])
+    with pytest.raises(
+        ConfigError, match=r"^invalid configuration: bench.models: unknown model 'nope'; known: r2led, "
+    ):
+        load_bench_config(None, ["bench.models=din,nope"])

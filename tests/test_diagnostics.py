@@ -10,6 +10,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
+from fast_training import FAST_SMALL as FAST
 from r2led.bench.diagnostics import (
     diagnose,
     item_popularity,
@@ -22,16 +23,6 @@ from r2led.cli import app
 from r2led.config import load_config
 from r2led.errors import DataError
 from r2led.train.trainer import Trainer, load_run
-
-FAST = [
-    "train.lr=0.01",
-    "train.batch_size=64",
-    "train.eval_batch_size=256",
-    "train.t_max=64",
-    "model.dim=16",
-    "train.threads=1",
-    "train.epochs=1",
-]
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +91,7 @@ def test_tail_auc_is_the_auc_inside_each_bucket(tiny_store):
     rows = report["buckets"]
     assert rows[-1]["popularity"] == "all" and rows[-1]["rows"] == len(test)
     assert rows[-1]["auc"]["a"] == round(roc_auc_score(label, preds["a"]), 4)
-    for i, row in enumerate(r for r in rows if r["popularity"] != "all"):
+    for row in (r for r in rows if r["popularity"] != "all"):
         sel = bucket == labels.index(row["popularity"])
         assert row["rows"] == sel.sum()
         assert row["auc"]["b"] == round(roc_auc_score(label[sel], preds["b"][sel]), 4)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import polars as pl
 import pytest
 from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
 
+from r2led.cli import app
 from r2led.data.protocol import Protocol
 from r2led.data.sources import load_source
 from r2led.data.sources.lifelong import _world, ceiling_auc, history_oracle, load_lifelong, true_click_probability
@@ -81,3 +85,17 @@ def test_bad_settings_and_foreign_stores_are_refused(tmp_path):
     other = build_store(load_synthetic(users=10, length=20, items=100), tmp_path / "syn")
     with pytest.raises(DataError, match="not prepared from synthetic-lifelong"):
         ceiling_auc(other)
+
+
+def test_bench_history_takes_its_settings_from_set_and_options(store, tmp_path):
+    out = tmp_path / "hist"
+    args = ["bench", "history", str(store.root), "--out", str(out), "--t-max", "30,300", "--report-only"]
+    result = CliRunner().invoke(app, [*args, "--set", "bench.models=din,eta", "--seeds", "2"])
+    assert result.exit_code == 0, result.output
+    curve = json.loads((out / "curve.json").read_text())
+    assert curve["seeds"] == 2 and set(curve["models"]) == {"din", "eta"}
+    meta = json.loads((out / "t30" / "results.json").read_text())["meta"]
+    # the history benchmark's own defaults (no ablations) and train.t_max per T
+    assert meta["models"] == ["din", "eta"] and meta["seeds"] == [0, 1] and "train.t_max=30" in meta["overrides"]
+    bad = CliRunner().invoke(app, [*args, "--set", "bench.seeds=0"])
+    assert bad.exit_code == 2 and "bench.seeds = 0 is out of range" in bad.output

@@ -16,6 +16,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from fast_training import FAST_SMALL as DIN
 from r2led.cli import app
 from r2led.config import load_config
 from r2led.errors import CheckpointError, DataError
@@ -24,15 +25,6 @@ from r2led.train import trainer as trainer_module
 from r2led.train.checkpoint import load_checkpoint
 from r2led.train.run_folder import verify_run
 
-DIN = [
-    "train.lr=0.01",
-    "train.batch_size=64",
-    "train.eval_batch_size=256",
-    "train.t_max=64",
-    "model.dim=16",
-    "train.threads=1",
-    "train.epochs=1",
-]
 R2LED = [*DIN, "model.k=5"]
 
 
@@ -102,10 +94,8 @@ def test_a_crafted_pickle_is_refused_and_never_runs(store, din_run, tmp_path, na
     marker = tmp_path / f"pwned-{name}"
     torch.save({"model": _Payload(marker), "epoch": 0}, din_run / name)
     before = snapshot(din_run)
-    if name == "best.pt":
-        res = cli("evaluate", str(din_run))
-    else:
-        res = cli(*train_args(store, din_run, "din", "--resume"))
+    args = ["evaluate", str(din_run)] if name == "best.pt" else train_args(store, din_run, "din", "--resume")
+    res = cli(*args)
     assert_refused(res, f"refusing {din_run / name}", "other than tensors", "GLOBAL")
     assert not marker.exists()
     assert snapshot(din_run) == before  # config.yaml was not rewritten either
@@ -124,7 +114,7 @@ def test_resume_is_byte_identical_mid_epoch(store, tmp_path):
     original = trainer._checkpoint
 
     def stop_after_first_eval(*args):
-        stop, best, bad = original(*args)
+        original(*args)
         raise KeyboardInterrupt  # killed right after the first checkpoint
 
     trainer._checkpoint = stop_after_first_eval

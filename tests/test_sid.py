@@ -17,11 +17,12 @@ from sklearn.metrics import adjusted_mutual_info_score
 from typer.testing import CliRunner
 
 from r2led.cli.sid_cmd import app as sid_app
+from r2led.config import SidConfig, load_sid_config
 from r2led.data.store import LifelongStore, build_store
 from r2led.data.tables import CanonicalTables
 from r2led.errors import ConfigError, DataError, MissingPackageError
 from r2led.sid import encoders
-from r2led.sid.build import build_sid_table, parse_codebook, sid_table_from_embeddings
+from r2led.sid.build import build_sid_table, sid_table_from_embeddings
 from r2led.sid.encoders import cached_minilm_embeddings, check_embeddings, collaborative_embeddings, tfidf_embeddings
 from r2led.sid.quality import entropy_bits, sid_quality
 from r2led.sid.quantizers import append_unique_level, rq_kmeans
@@ -107,31 +108,45 @@ def within_group_vs_random_jaccard(m: np.ndarray, groups: np.ndarray, n: int = 2
 
 # ---- codebook parsing and validation -------------------------------------------------------------
 def test_codebook_accepts_one_size_per_level_or_one_for_all():
-    assert parse_codebook("16", 3) == [16, 16, 16]
-    assert parse_codebook("16,16,32", 3) == [16, 16, 32]
-    assert parse_codebook(8, 2) == [8, 8]
-    assert parse_codebook(None, 4) == [16, 16, 16, 16]
-    assert parse_codebook([4, 8], 2) == [4, 8]
+    assert SidConfig(codebook="16", levels=3).codebook == [16, 16, 16]
+    assert SidConfig(codebook="16,16,32", levels=3).codebook == [16, 16, 32]
+    assert SidConfig(codebook=8, levels=2).codebook == [8, 8]
+    assert SidConfig(levels=4).codebook == [16, 16, 16, 16]
+    assert SidConfig(codebook=[4, 8], levels=2).codebook == [4, 8]
+    assert load_sid_config(None, ["codebook=4,8", "levels=2"]).codebook == [4, 8]
 
 
 @pytest.mark.parametrize(
-    "value, levels, named",
-    [("16,x", 3, "'16,x'"), ("16,16", 3, "levels=3"), ("1", 2, "at least 2"), ([4, 2.5], 2, "integers")],
+    "overrides, named",
+    [
+        (["codebook=16,x"], r"codebook: expected one size \(16\) or one per level \(16,16,32\) \(got '16,x'\)"),
+        (["codebook=16,16"], r"codebook: \[16, 16\] gives 2 sizes for levels=3; give one size or 3 \(got"),
+        (["codebook=1", "levels=2"], r"codebook.0 = 1 is out of range: must be >= 2"),
+        (["codebook=[4, 2.5]", "levels=2"], r"codebook.1: Input should be a valid integer"),
+        (["levels=0"], r"levels = 0 is out of range: must be in \[1, 64\]"),
+        (["encoder=bert"], r"encoder: Input should be 'minilm', 'tfidf' or 'collaborative' \(got 'bert'\)"),
+        (["quantizer=pq"], r"quantizer: Input should be .*\(got 'pq'\)"),
+        (["seed=-1"], r"seed = -1 is out of range: must be in \[0, 4294967295\]"),
+        (["levles=2"], r"levles: Extra inputs are not permitted"),
+    ],
 )
-def test_bad_codebook_is_refused_with_the_value_named(value, levels, named):
-    with pytest.raises(ConfigError, match=named.replace("[", r"\[")):
-        parse_codebook(value, levels)
+def test_a_bad_sid_setting_is_one_line_naming_it(overrides, named):
+    with pytest.raises(ConfigError, match="^invalid SID settings: " + named) as info:
+        load_sid_config(None, overrides)
+    assert "\n" not in str(info.value)
 
 
-def test_levels_must_be_positive():
-    with pytest.raises(ConfigError, match="levels"):
-        parse_codebook("16", 0)
+def test_sid_settings_come_from_files_then_overrides(tmp_path):
+    path = tmp_path / "sid.yaml"
+    path.write_text("encoder: tfidf\nlevels: 2\ncodebook: 8\n")
+    cfg = load_sid_config([path], ["codebook=4,8"])
+    assert (cfg.encoder, cfg.levels, cfg.codebook, cfg.quantizer) == ("tfidf", 2, [4, 8], "rq-kmeans")
 
 
 def test_codebook_larger_than_catalogue_is_a_data_error():
     x = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
     with pytest.raises(DataError, match="codebook size 16 exceeds the 10 items"):
-        sid_table_from_embeddings(x, codebook="4,16", levels=2)
+        sid_table_from_embeddings(x, SidConfig(codebook="4,16", levels=2))
 
 
 def test_nan_embedding_names_the_item():
@@ -140,12 +155,7 @@ def test_nan_embedding_names_the_item():
     with pytest.raises(DataError, match="first: item 4"):
         check_embeddings(x)
     with pytest.raises(DataError, match="NaN"):
-        sid_table_from_embeddings(x, codebook=2, levels=1)
-
-
-def test_unknown_quantizer_is_a_config_error():
-    with pytest.raises(ConfigError, match="'pq'"):
-        sid_table_from_embeddings(np.ones((4, 2), np.float32), quantizer="pq", codebook=2, levels=1)
+        sid_table_from_embeddings(x, SidConfig(codebook=2, levels=1))
 
 
 # ---- quality report --------------------------------------------------------------------------
@@ -548,3 +558,14 @@ def test_rq_vae_with_sinkhorn_uses_codes_more_evenly():
     qp, qe = sid_quality(plain.codes, [4, 4]), sid_quality(even.codes, [4, 4])
     assert qe["levels"][0]["perplexity"] > qp["levels"][0]["perplexity"]
     assert np.bincount(even.codes[:, 0], minlength=4).max() < 0.5 * len(x)
+
+
+def test_sid_build_reads_its_settings_from_files_set_and_options(tiny_store, tmp_path):
+    (tmp_path / "sid.yaml").write_text("encoder: tfidf\nlevels: 3\ncodebook: 8\nseed: 4\n")
+    args = [str(tiny_store.root), "--config", str(tmp_path / "sid.yaml"), "--set", "levels=2"]
+    result = CliRunner().invoke(sid_app, ["build", *args, "--codebook", "4,3", "--out", "cli"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tiny_store.root / "cli" / "meta.json").read_text())["settings"]
+    # the file gives the encoder and seed, --set the levels, the option the codebook
+    assert (meta["encoder"], meta["levels"], meta["codebook"], meta["seed"]) == ("tfidf", 2, [4, 3], 4)
+    assert meta["quantizer"] == "rq-kmeans" and meta["unique"] is False

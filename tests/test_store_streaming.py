@@ -50,7 +50,7 @@ def ties_tables(n=600, seed=1) -> CanonicalTables:
 def reference_csr(tables: CanonicalTables) -> tuple[np.ndarray, np.ndarray]:
     """(csr row order, global rank per row), computed independently with one lexsort."""
     inter = tables.interactions
-    users, items = tables.users["user"].to_list(), tables.items["item"].to_list()
+    users = tables.users["user"].to_list()
     order = np.lexsort((inter["item"].to_numpy(), inter["user"].cast(pl.Int64).to_numpy(), inter["ts"].to_numpy()))
     uid = np.array([users.index(k) for k in inter["user"]])
     csr = order[np.argsort(uid[order], kind="stable")]

@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 STAGING_MARK = ".staging-"
-ASIDE_MARK = ".aside-"
 _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:16] or "host"
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>staging|aside)-(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-[0-9a-f]+")
 

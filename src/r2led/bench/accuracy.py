@@ -37,10 +37,10 @@ from r2led.bench.plots import save_figure
 from r2led.bench.report import publish as publish_results
 from r2led.bench.report import run_record, safe_name, write_report
 from r2led.bench.significance import delong_test
-from r2led.cli.common import console, print_table
-from r2led.config import load_config
+from r2led.config import BenchConfig, load_config
 from r2led.data.store import LifelongStore
 from r2led.errors import ConfigError
+from r2led.terminal import console, print_table
 
 SEARCH_SPACES = Path(__file__).resolve().parent.parent / "configs" / "search.yaml"
 
@@ -73,7 +73,8 @@ class Job:
 
 def _run_config(job: Job, seed: int, files: list[Path], overrides: list[str]):
     """The validated RunConfig of ``job`` at ``seed``."""
-    return load_config(files, [*overrides, *job.overrides, f"train.seed={seed}"], base={"model": {"name": job.model}})
+    tree = [*overrides, *job.overrides, f"train.seed={seed}"]
+    return load_config(files, tree, base={"model": {"name": job.model}}, ignore=("bench",))
 
 
 def _train(data: Path, job: Job, seed: int, run: Path, files: list[Path], overrides: list[str]) -> dict:
@@ -248,30 +249,26 @@ def _summary(per_seed: list[dict]) -> dict:
 
 def run_accuracy(
     data: str | Path,
-    models: list[str],
-    seeds: int,
+    bench: BenchConfig,
     out: str | Path,
     config_files: list[Path] | None = None,
     overrides: list[str] | None = None,
-    search: bool = False,
-    ablations: bool = True,
-    fairness: bool = False,
-    variant_seeds: int | None = None,
     report_only: bool = False,
     grid: Path | None = None,
     publish: Path | None = None,
-    replicates: int = 1000,
-    bootstrap_seed: int = 0,
 ) -> dict:
     """Train every job x seed (reusing finished runs), then write results.json/.md and auc.png.
 
+    ``bench``: which models, seeds, variants and bootstrap (``BenchConfig``); ``config_files``
+    and ``overrides`` set every run's ``model.*`` / ``train.*`` (a ``bench`` section is theirs).
     ``report_only``: train nothing; tabulate the runs that have finished (the tables say how
     many seeds each row has). ``grid``: the search grid (default configs/search.yaml).
     ``publish``: the folder for the small per-run JSON files and the report's inputs
     (default ``OUT/results``; ``docs/results`` in the repository); results.md is the report
     (``r2led.bench.report``) of that folder, with user-clustered bootstrap intervals
-    (``replicates`` user draws from ``bootstrap_seed``).
+    (``bench.replicates`` user draws from ``bench.bootstrap_seed``).
     """
+    models, seeds, search = list(bench.models), bench.seeds, bench.search
     data, out = Path(data), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     store = LifelongStore(data)
@@ -282,7 +279,7 @@ def run_accuracy(
     models = [m for m in models if m in tuned]
     seed_list = list(range(seeds))
     # fairness-control and ablation variants may run fewer seeds (their tables say how many)
-    variant_list = seed_list[:variant_seeds] if variant_seeds else seed_list
+    variant_list = seed_list[: bench.variant_seeds] if bench.variant_seeds else seed_list
     jobs = [Job(m, m, tuned[m], "main", list(seed_list)) for m in models]
     for model, record in (
         searched or {}
@@ -290,13 +287,13 @@ def run_accuracy(
         seed0 = Job(model, model, [], "main").run_dir(out, 0)
         if 0 in seed_list and not seed0.exists():
             shutil.copytree(record["run"], seed0)
-    if fairness:
+    if bench.fairness:
         jobs += [
             Job(f"{m} +sid", m, [*tuned[m], "model.sid_features=true"], "fairness", list(variant_list))
             for m in models
             if m != "r2led"
         ]
-    if ablations and "r2led" in models:
+    if bench.ablations and "r2led" in models:
         jobs += [
             Job(f"r2led {name}", "r2led", [*tuned["r2led"], *ov], "ablation", list(variant_list))
             for name, ov in ABLATIONS.items()
@@ -350,14 +347,17 @@ def run_accuracy(
         "overrides": overrides,
         # each model's settings before its search overrides (R2LED's were frozen before the search)
         "defaults": {
-            m: load_config(files, overrides, base={"model": {"name": m}}).model_dump(mode="json") for m in models
+            m: load_config(files, overrides, base={"model": {"name": m}}, ignore=("bench",)).model_dump(mode="json")
+            for m in models
         },
     }
     write_json_atomic(out / "results.json", {"meta": meta, "results": results, "search": searched})
     folder = Path(publish or out / "results")
     publish_results(folder, meta, searched, load_grid(grid) if search else None, records)
     if records:
-        write_report(folder, markdown=out / "results.md", replicates=replicates, seed=bootstrap_seed, data=data)
+        write_report(
+            folder, markdown=out / "results.md", replicates=bench.replicates, seed=bench.bootstrap_seed, data=data
+        )
     plot_auc(results, out / "auc.png")
     print_table(
         f"{store.name} test split, {seeds} seed(s): mean ± std",

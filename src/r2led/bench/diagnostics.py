@@ -274,7 +274,8 @@ def diagnostics_markdown(report: dict) -> str:
         lines += [
             f"## Retrieval ({first['split']}, {first['samples']:,} samples; relevant = {first['relevance']})",
             "",
-            "| run | route (SID level) | filled / sample | semantic match | relevant | distinct behaviours / sample (of slots) | short window relevant |",
+            "| run | route (SID level) | filled / sample | semantic match | relevant "
+            "| distinct behaviours / sample (of slots) | short window relevant |",
             "|---|---|---|---|---|---|---|",
         ]
         for name, st in report["retrieval"].items():
@@ -283,7 +284,8 @@ def diagnostics_markdown(report: dict) -> str:
                 short = f"{st['short_relevant_share']:.3f}" if j == 0 else ""
                 lvl = r["level"] if r["level"] is not None else "-"
                 lines.append(
-                    f"| {name if j == 0 else ''} | {j + 1} ({lvl}) | {r['filled_per_sample']:.1f} | {r['match_share']:.3f} | {r['relevant_share']:.3f} | {tail} | {short} |"
+                    f"| {name if j == 0 else ''} | {j + 1} ({lvl}) | {r['filled_per_sample']:.1f} "
+                    f"| {r['match_share']:.3f} | {r['relevant_share']:.3f} | {tail} | {short} |"
                 )
         lines.append("")
     if report["gate"]:
@@ -302,7 +304,8 @@ def diagnostics_markdown(report: dict) -> str:
     t = report["tail"]
     names = list(t["buckets"][0]["auc"]) if t["buckets"] else []
     lines += [
-        f"## {t.get('split', 'test').capitalize()} AUC by target popularity (p: DeLong, {t['reference']} against the column's run)",
+        f"## {t.get('split', 'test').capitalize()} AUC by target popularity "
+        f"(p: DeLong, {t['reference']} against the column's run)",
         "",
         f"| popularity | rows | positive rate | {' | '.join(names)} |",
         "|---|---|---|" + "---|" * len(names),

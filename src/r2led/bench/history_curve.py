@@ -13,30 +13,31 @@ history oracle (the true rule with only the last T behaviours visible). Writes::
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from r2led.atomic import write_json_atomic, write_text_atomic
 from r2led.bench.plots import save_figure
-from r2led.cli.common import console
+from r2led.config import BenchConfig
 from r2led.data.sources.lifelong import ceiling_auc, oracle_auc
 from r2led.data.store import LifelongStore
+from r2led.terminal import console
+
+# What `r2led bench history` runs unless told otherwise (BenchConfig's defaults are the accuracy benchmark's)
+HISTORY_BENCH = {"models": ["din", "sim-hard", "eta", "twin", "sdim", "r2led"], "ablations": False, "replicates": 200}
 
 
 def run_history_curve(
     data: str | Path,
-    models: list[str],
+    bench: BenchConfig,
     t_maxes: list[int],
-    seeds: int,
     out: str | Path,
     config_files: list[Path] | None = None,
     overrides: list[str] | None = None,
     report_only: bool = False,
 ) -> dict:
-    """Train models x T x seeds (reusing finished runs); write curve.json, curve.md, auc_vs_t.png.
-
-    ``report_only``: train nothing, tabulate the finished runs (the table gives seed counts).
-    """
+    """Train models x T x seeds (``bench``; reusing finished runs); write curve.json, curve.md,
+    auc_vs_t.png. ``report_only``: train nothing, tabulate the finished runs (the table gives
+    seed counts)."""
     from r2led.bench.accuracy import run_accuracy
 
     data, out = Path(data), Path(out)
@@ -44,17 +45,15 @@ def run_history_curve(
     ceiling = ceiling_auc(store, "test")  # raises DataError for a store of another source
     oracle = {t: round(oracle_auc(store, t, "test"), 4) for t in t_maxes}
     console.print(f"Bayes ceiling (test) {ceiling:.4f}; history oracle {oracle}")
+    models, seeds = bench.models, bench.seeds
     curve: dict[str, dict] = {m: {} for m in models}
     for t in t_maxes:
         results = run_accuracy(
             data,
-            models,
-            seeds,
+            bench,
             out / f"t{t}",
             config_files=config_files,
             overrides=[*(overrides or []), f"train.t_max={t}"],
-            ablations=False,
-            replicates=200,
             report_only=report_only,
         )
         for m in models:
@@ -128,7 +127,3 @@ def plot_curve(record: dict, path: Path) -> None:
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     save_figure(fig, path)
-
-
-def load_curve(out: str | Path) -> dict:
-    return json.loads((Path(out) / "curve.json").read_text())

@@ -9,8 +9,9 @@ Each size runs in a fresh process (so that its peak resident memory, read from
   ``pl.scan_parquet`` (the shape of a user-provided source).
 
 Rows/s is interactions over wall seconds; rows per CPU-second (user + system time of the
-process) is also given, since wall time on a shared machine depends on the other load. Writes ``OUT/prepare.json`` and ``OUT/prepare.md``;
-the stores and the parquet file are deleted after each size.
+process) is also given, since wall time on a shared machine depends on the other load. Writes
+``OUT/prepare.json`` and ``OUT/prepare.md``; the stores and the parquet file are deleted after
+each size.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def run_prepare_bench(
     rows: list[int], length: int, items: int, out: str | Path, chunk_rows: int = 1 << 22, modes=("synthetic", "parquet")
 ) -> list[dict]:
     """Measure every size (``rows`` interactions as ``rows // length`` users) in child processes."""
-    from r2led.cli.common import console
+    from r2led.terminal import console
 
     out = Path(out)
     work = out / "work"
@@ -101,7 +102,8 @@ def run_prepare_bench(
                 record = json.loads(done.stdout.strip().splitlines()[-1])
                 results.append(record)
                 console.print(
-                    f"{mode:9s} {record['rows']:>13,} rows  {record['seconds']:8.1f} s  {record['rows_per_s'] / 1e6:5.2f}M rows/s  "
+                    f"{mode:9s} {record['rows']:>13,} rows  {record['seconds']:8.1f} s  "
+                    f"{record['rows_per_s'] / 1e6:5.2f}M rows/s  "
                     f"({record['rows_per_cpu_s'] / 1e6:.2f}M per CPU-second)  peak RSS {record['peak_rss_mb']:,} MB"
                 )
                 shutil.rmtree(work / f"store-{mode}", ignore_errors=True)

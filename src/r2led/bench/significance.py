@@ -15,8 +15,8 @@ which equals the AUC of the data set built by repeating each user's rows ``w_u``
 computed for all replicates at once from one sort of the scores: per tie group of scores, the
 weighted positive and negative counts (a sparse (groups x users) count matrix times the
 (users x replicates) multiplicities), then a cumulative sum over groups. O(n log n + R n) per
-predictor; 97,002 rows x 1,000 replicates take about 2 s on one core. The same replicates (the same seeded user draws) serve every run, so
-differences between runs are paired.
+predictor; 97,002 rows x 1,000 replicates take about 2 s on one core. The same replicates (the
+same seeded user draws) serve every run, so differences between runs are paired.
 """
 
 from __future__ import annotations

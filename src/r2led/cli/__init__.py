@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from r2led.cli import data_cmd, sid_cmd
+from r2led.cli import bench_cmd, data_cmd, docs_cmd, main_cmd, serve_cmd, sid_cmd, train_cmd
 from r2led.cli.common import GuardedGroup, run_guarded
 
 # GuardedGroup: a bad value in any command ends it with one line on stderr and exit code 2.
@@ -17,15 +17,8 @@ app = typer.Typer(
 )
 app.add_typer(data_cmd.app, name="data", help="Prepare and inspect datasets.")
 app.add_typer(sid_cmd.app, name="sid", help="Build and inspect semantic-ID tables.")
-
-for _module in ("main_cmd", "train_cmd", "bench_cmd", "serve_cmd"):
-    try:  # command groups added by later stages register themselves here
-        _mod = __import__(f"r2led.cli.{_module}", fromlist=["register"])
-    except ModuleNotFoundError as _exc:
-        if _exc.name != f"r2led.cli.{_module}":
-            raise
-    else:
-        _mod.register(app)
+for _commands in (main_cmd, train_cmd, bench_cmd, serve_cmd, docs_cmd):
+    _commands.register(app)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,4 +1,4 @@
-"""``r2led bench accuracy``, ``r2led bench speed`` and ``r2led bench diagnose``."""
+"""``r2led bench``: accuracy, report, speed, diagnose, history, prepare, serve and train-scale."""
 
 from __future__ import annotations
 
@@ -24,46 +24,49 @@ def _ints(value: str, option: str) -> list[int]:
 @bench_app.command("accuracy")
 def accuracy(
     data: Path = typer.Argument(..., help="prepared data folder (with its SID table)"),
-    models: str = typer.Option(
-        "r2led,din,din-long,avgpool,sim-hard,sim-soft,eta,sdim,twin", help="comma-separated model names"
-    ),
-    seeds: int = typer.Option(3, min=1, help="seeds per model (0..seeds-1)"),
     out: Path = typer.Option(..., "--out", help="results folder (finished runs are reused)"),
-    config: list[Path] = typer.Option([], "--config", help="YAML config applied to every run"),
-    set_: list[str] = typer.Option([], "--set", help="override applied to every run"),
-    search: bool = typer.Option(False, help="run each model's small search on valid first"),
-    ablations: bool = typer.Option(True, help="also run R2LED's ablation switches"),
-    fairness: bool = typer.Option(False, help="also run every baseline with model.sid_features=true"),
+    config: list[Path] = typer.Option(
+        [], "--config", help="YAML config: model.* and train.* for every run, bench.* for the benchmark"
+    ),
+    set_: list[str] = typer.Option([], "--set", help="override: model.* / train.* for every run, or bench.*"),
+    models: str | None = typer.Option(None, help="comma-separated model names (bench.models; default: all)"),
+    seeds: int | None = typer.Option(None, help="seeds per model, 0..seeds-1 (bench.seeds) (default 3)"),
+    search: bool | None = typer.Option(None, help="run each model's small search on valid first (bench.search)"),
+    ablations: bool | None = typer.Option(
+        None, help="also run R2LED's ablation switches (bench.ablations) (default on)"
+    ),
+    fairness: bool | None = typer.Option(None, help="also run every baseline with model.sid_features=true"),
     variant_seeds: int | None = typer.Option(
-        None, min=1, help="seeds for the fairness and ablation variants (default: --seeds)"
+        None, help="seeds for the fairness and ablation variants (bench.variant_seeds; default: --seeds)"
     ),
     report_only: bool = typer.Option(False, help="train nothing: tabulate the finished runs"),
     grid: Path | None = typer.Option(None, "--grid", help="search grid YAML (default: configs/search.yaml)"),
     publish: Path | None = typer.Option(
         None, "--publish", help="folder for the per-run JSON files (default OUT/results; e.g. docs/results)"
     ),
-    replicates: int = typer.Option(1000, min=1, help="user-clustered bootstrap replicates"),
-    bootstrap_seed: int = typer.Option(0, help="seed of the bootstrap's user draws"),
+    replicates: int | None = typer.Option(None, help="user-clustered bootstrap replicates (default 1000)"),
+    bootstrap_seed: int | None = typer.Option(None, help="seed of the bootstrap's user draws (default 0)"),
 ) -> None:
-    """Train every model x seed on the same protocol; tables, significance tests and plots."""
-    from r2led.bench.accuracy import run_accuracy
+    """Train every model x seed on the same protocol; tables, significance tests and plots.
 
+    Benchmark settings (r2led.config.BenchConfig): defaults < bench.* in --config < --set bench.* < the options."""
+    from r2led.bench.accuracy import run_accuracy
+    from r2led.config import load_bench_config
+
+    given = {
+        "models": models,
+        "seeds": seeds,
+        "search": search,
+        "ablations": ablations,
+        "fairness": fairness,
+        "variant_seeds": variant_seeds,
+        "replicates": replicates,
+        "bootstrap_seed": bootstrap_seed,
+    }
+    shorthands = [f"bench.{key}={value}" for key, value in given.items() if value is not None]
+    bench = load_bench_config(config, [*set_, *shorthands])
     run_accuracy(
-        data,
-        _csv(models),
-        seeds,
-        out,
-        config_files=config,
-        overrides=set_,
-        search=search,
-        ablations=ablations,
-        fairness=fairness,
-        variant_seeds=variant_seeds,
-        report_only=report_only,
-        grid=grid,
-        publish=publish,
-        replicates=replicates,
-        bootstrap_seed=bootstrap_seed,
+        data, bench, out, config_files=config, overrides=set_, report_only=report_only, grid=grid, publish=publish
     )
 
 
@@ -81,7 +84,9 @@ def report(
         None, "--data", help="prepared data folder (default: the one the benchmark recorded)"
     ),
 ) -> None:
-    """Regenerate the accuracy report from a results folder's JSON (intervals from the runs' predictions when present)."""
+    """Regenerate the accuracy report from a results folder's JSON.
+
+    Intervals come from the runs' predictions when present."""
     from r2led.bench.report import write_report
 
     path = write_report(folder, markdown=markdown, replicates=replicates, seed=bootstrap_seed, data=data)
@@ -92,7 +97,9 @@ def report(
 def speed(
     lengths: str = typer.Option("100,1000,10000,100000,1000000", help="history lengths T"),
     models: str = typer.Option(
-        "r2led,din,din-long,avgpool,sim-hard,sim-soft,eta,sdim,twin", help="comma-separated model names"
+        "",
+        help="comma-separated model names or R2LED variants r2led[din], r2led[mha], r2led[lsh] "
+        "(default: every model, R2LED's two encoders and its approximate index)",
     ),
     out: Path = typer.Option(..., "--out", help="results folder"),
     candidates: int = typer.Option(100, help="candidate items per serving request"),
@@ -105,11 +112,11 @@ def speed(
 ) -> None:
     """Serving cost (warm and cold user state, the batch-path strawman, the floor), training
     throughput and memory against history length, as ratios."""
-    from r2led.bench.speed import run_speed
+    from r2led.bench.speed import default_models, run_speed
 
     run_speed(
-        _ints(lengths, "--lengths"), _csv(models), out, candidates=candidates, repeats=repeats, train_batch=train_batch,
-        items=items, seed=seed, strawman=_csv(strawman), strawman_max_t=strawman_max_t,
+        _ints(lengths, "--lengths"), _csv(models) or default_models(), out, candidates=candidates, repeats=repeats,
+        train_batch=train_batch, items=items, seed=seed, strawman=_csv(strawman), strawman_max_t=strawman_max_t,
     )  # fmt: skip
 
 
@@ -134,26 +141,27 @@ def diagnose(
 @bench_app.command("history")
 def history(
     data: Path = typer.Argument(..., help="a store prepared from synthetic-lifelong (with its SID table)"),
-    models: str = typer.Option("din,sim-hard,eta,twin,sdim,r2led", help="comma-separated model names"),
+    models: str | None = typer.Option(
+        None, help="comma-separated model names (bench.models; default din,sim-hard,eta,twin,sdim,r2led)"
+    ),
     t_max: str = typer.Option("100,1000,10000", "--t-max", help="history lengths T (train.t_max)"),
-    seeds: int = typer.Option(3, min=1, help="seeds per model and T"),
+    seeds: int | None = typer.Option(None, help="seeds per model and T (bench.seeds; default 3)"),
     out: Path = typer.Option(..., "--out", help="results folder (finished runs are reused)"),
-    config: list[Path] = typer.Option([], "--config", help="YAML config applied to every run"),
-    set_: list[str] = typer.Option([], "--set", help="override applied to every run"),
+    config: list[Path] = typer.Option(
+        [], "--config", help="YAML config: model.* and train.* for every run, bench.* for the benchmark"
+    ),
+    set_: list[str] = typer.Option([], "--set", help="override: model.* / train.* for every run, or bench.*"),
     report_only: bool = typer.Option(False, help="train nothing: tabulate the finished runs"),
 ) -> None:
     """Test AUC against history length T, with the Bayes ceiling and the history oracle."""
-    from r2led.bench.history_curve import run_history_curve
+    from r2led.bench.history_curve import HISTORY_BENCH, run_history_curve
+    from r2led.config import load_bench_config
 
+    given = {"models": models, "seeds": seeds}
+    shorthands = [f"bench.{key}={value}" for key, value in given.items() if value is not None]
+    bench = load_bench_config(config, [*set_, *shorthands], base={"bench": HISTORY_BENCH})
     run_history_curve(
-        data,
-        _csv(models),
-        _ints(t_max, "--t-max"),
-        seeds,
-        out,
-        config_files=config,
-        overrides=set_,
-        report_only=report_only,
+        data, bench, _ints(t_max, "--t-max"), out, config_files=config, overrides=set_, report_only=report_only
     )
 
 
@@ -178,7 +186,7 @@ def serve_load(
     duration: float = typer.Option(30.0, min=1, max=3600, help="seconds of load per history length"),
     history: str = typer.Option("1000,100000", help="history lengths T of the clients' users"),
     candidates: int = typer.Option(100, min=1, max=100_000, help="candidates per /score request"),
-    workers: int = typer.Option(1, min=1, max=64, help="`r2led serve --workers`"),
+    workers: str = typer.Option("1", help="`r2led serve --workers`: a number, or several comma-separated (1,2)"),
     threads: int = typer.Option(1, min=1, max=256, help="`r2led serve --threads` (torch threads per worker)"),
     out: Path | None = typer.Option(None, "--out", help="folder for serve_load.json"),
 ) -> None:
@@ -186,40 +194,54 @@ def serve_load(
     from r2led.bench.serve_load import run_serve_load
     from r2led.cli.common import print_table
 
-    lengths = [int(float(t)) for t in _csv(history)]
+    try:
+        lengths = [int(float(t)) for t in _csv(history)]  # 1e5 is a length too
+    except ValueError:
+        lengths = []
     if not lengths or min(lengths) < 0:
         raise typer.BadParameter(
             f"expected comma-separated history lengths >= 0, got {history[:100]!r}", param_hint="--history"
         )
+    worker_counts = _ints(workers, "--workers")
+    if not worker_counts or not all(1 <= n <= 64 for n in worker_counts):
+        raise typer.BadParameter(f"expected worker counts in 1..64, got {workers[:100]!r}", param_hint="--workers")
     results = run_serve_load(
         bundle,
         lengths,
         clients=clients,
         duration=duration,
         candidates=candidates,
-        workers=workers,
+        workers=worker_counts,
         threads=threads,
         out=out,
     )
     print_table(
-        f"r2led serve: {clients} clients, {candidates} candidates, {workers} worker(s) x {threads} thread(s); times in ms, CPU per request",
-        ["T", "req/s", "p50", "p95", "p99", "errors", "CPU", "model", "other"],
+        f"r2led serve: {clients} clients, {candidates} candidates, {threads} torch thread(s) per worker; "
+        "times in ms, CPU in ms per request",
+        ["workers", "T", "req/s", "p50", "p95", "p99", "errors", "CPU", "model", "other", "client", "load"],
         [
             [
+                str(r.workers),
                 str(r.history),
                 f"{r.req_per_s:.1f}",
                 f"{r.p50_ms:.0f}",
                 f"{r.p95_ms:.0f}",
                 f"{r.p99_ms:.0f}",
                 str(r.errors),
-                f"{r.server_cpu_ms_per_req:.2f}",
+                f"{r.server_cpu_ms_per_req:.2f} ({r.server_cpu_share:.0%})",
                 f"{r.model_cpu_ms_per_req:.2f}",
                 f"{r.other_cpu_ms_per_req:.2f}",
+                f"{r.client_cpu_ms_per_req:.2f} ({r.client_cpu_share:.0%})",
+                f"{r.load_average:.1f}",
             ]
             for r in results
         ],
     )
-    typer.echo("other = the server's CPU outside the model: HTTP, JSON, validation, the history store")
+    typer.echo(
+        "CPU = the server's (its share of all cores), model + other (HTTP, JSON, validation, the history store); "
+        "client = the load generator's CPU per request (its share of all cores); "
+        "load = 1-minute load average at the end"
+    )
 
 
 @bench_app.command("train-scale")
@@ -237,6 +259,55 @@ def train_scale(
 
     run_train_scale(
         data, _csv(models), _ints(t_max, "--t-max"), out, max_train=max_train, max_eval=max_eval, overrides=set_
+    )
+
+
+@bench_app.command("train-speed")
+def train_speed(
+    data: Path = typer.Argument(..., help="prepared data folder (e.g. ml-1m)"),
+    models: str = typer.Option(
+        "r2led,r2led:attention=mha,din,sim-hard,eta",
+        help="comma-separated model names; NAME:key=value+key=value is a variant (model.key=value)",
+    ),
+    threads: str = typer.Option("1,2", help="torch thread counts, measured in turn"),
+    steps: int = typer.Option(60, min=1, help="timed training steps per model and thread count"),
+    warmup: int = typer.Option(5, min=0, help="untimed steps per model first (kernel compilation)"),
+    block: int = typer.Option(5, min=1, help="steps a model runs before the next model's turn"),
+    reference: str = typer.Option("sim-hard", help="ratios are samples/s over this model's"),
+    config: list[Path] = typer.Option([], "--config", help="YAML config file(s) (train.batch_size, train.t_max...)"),
+    set_: list[str] = typer.Option([], "--set", help="override applied to every model"),
+    out: Path = typer.Option(..., "--out", help="results folder"),
+) -> None:
+    """Training samples/s of every model on the same batches, interleaved in one process."""
+    from r2led.bench.train_scale import run_train_speed
+    from r2led.cli.common import print_table
+
+    rows = run_train_speed(
+        data,
+        _csv(models),
+        _ints(threads, "--threads"),
+        out,
+        steps=steps,
+        warmup=warmup,
+        block=block,
+        config_files=config,
+        overrides=set_,
+        reference=reference,
+    )
+    print_table(
+        f"training steps: the same {steps} batches for every model; ratio = samples/s over {reference}'s",
+        ["model", "threads", "samples/s", "ms/step", "faults/step", "ratio"],
+        [
+            [
+                r.model,
+                str(r.threads),
+                f"{r.samples_per_s:,.0f}",
+                f"{r.ms_per_step:.1f}",
+                f"{r.page_faults_per_step:,.0f}",
+            ]
+            + [f"{r.ratio:.2f}x" if r.ratio is not None else "-"]
+            for r in rows
+        ],
     )
 
 

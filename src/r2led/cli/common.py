@@ -1,4 +1,4 @@
-"""What every command shares: error display and table printing.
+"""What every command shares: error display (tables and the console: ``r2led.terminal``).
 
 Errors in what the user gave end a command with one short line on stderr and exit code 2:
 library errors (``R2ledError``), pydantic validation errors, YAML errors, ``OSError`` on a
@@ -11,33 +11,28 @@ from __future__ import annotations
 
 import errno
 import sys
-from collections.abc import Sequence
 
 import click
 import yaml
 from pydantic import ValidationError
-from rich.console import Console
-from rich.table import Table
 from typer.core import TyperGroup
 
-from r2led.errors import R2ledError
+from r2led.errors import MAX_MESSAGE, R2ledError, one_line
+from r2led.terminal import console, print_table
 
-console = Console()
-err_console = Console(stderr=True)
-
-MAX_MESSAGE = 300  # characters of an error line (a bad CSV quote once made a 24 MB message)
+__all__ = [
+    "MAX_MESSAGE",
+    "GuardedGroup",
+    "console",
+    "error_line",
+    "one_line",
+    "print_table",
+    "report_error",
+    "run_guarded",
+]
 
 # OSErrors that are about the user's files or machine, even when they name no path.
 _USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EMFILE, errno.ENAMETOOLONG}
-
-
-def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
-    """``text`` on one line (whitespace runs collapsed), cut to ``limit`` characters."""
-    line = " ".join(str(text).split())
-    if len(line) > limit:
-        cut = len(line) - (limit - 30)
-        line = f"{line[: limit - 30]}... ({cut:,} more characters)"
-    return line
 
 
 def error_line(exc: BaseException) -> str | None:
@@ -96,20 +91,3 @@ def run_guarded(app) -> None:
             raise
         report_error(line)
         sys.exit(2)
-
-
-def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    table = Table(title=title, title_justify="left")
-    for i, col in enumerate(columns):
-        table.add_column(col, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*[fmt(v) for v in row])
-    console.print(table)
-
-
-def fmt(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:,.4f}" if abs(value) < 10 else f"{value:,.1f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)

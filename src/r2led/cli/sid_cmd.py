@@ -80,11 +80,15 @@ def _agreement(quality: dict, level: int) -> list[object]:
 @app.command()
 def build(
     data: Path = typer.Argument(..., help="prepared data folder"),
-    encoder: str = typer.Option("minilm", help="minilm | tfidf | collaborative"),
-    quantizer: str = typer.Option("rq-kmeans", help="rq-kmeans | rq-kmeans-balanced | rq-vae | rq-vae-sinkhorn"),
-    levels: int = typer.Option(3, help="semantic levels L"),
-    codebook: str = typer.Option("16", help="codes per level: one size (16) or one per level (16,16,32)"),
-    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="random seed (k-means, RQ-VAE, SVD)"),
+    config: list[Path] = typer.Option([], "--config", help="YAML file(s) of SID settings (keys as below), in order"),
+    set_: list[str] = typer.Option([], "--set", help="a SID setting, e.g. --set quantizer=rq-vae --set levels=2"),
+    encoder: str | None = typer.Option(None, help="minilm (default) | tfidf | collaborative"),
+    quantizer: str | None = typer.Option(
+        None, help="rq-kmeans (default) | rq-kmeans-balanced | rq-vae | rq-vae-sinkhorn"
+    ),
+    levels: int | None = typer.Option(None, help="semantic levels L (default 3)"),
+    codebook: str | None = typer.Option(None, help="codes per level: one size (16, the default) or one per level"),
+    seed: int | None = typer.Option(None, help="random seed (k-means, RQ-VAE, SVD) (default 0)"),
     unique: bool = typer.Option(False, "--unique", help="append a level that makes every SID distinct"),
     out: str = typer.Option("sid", help="folder name inside the data folder"),
     no_cache: bool = typer.Option(False, "--no-cache", help="re-encode even when cached embeddings match"),
@@ -92,26 +96,22 @@ def build(
         False, "--force", help="replace an existing DATA/OUT (runs trained on the old table will be refused)"
     ),
 ) -> None:
-    """Encode the items, quantize residually and write DATA/OUT (codes, prefix tokens, quality)."""
+    """Encode the items, quantize residually and write DATA/OUT (codes, prefix tokens, quality).
+
+    Settings (r2led.config.SidConfig): defaults < --config files < --set < the options here."""
+    from r2led.config import load_sid_config
     from r2led.sid.build import build_sid_table
 
+    # the options are shorthands for --set KEY=VALUE, applied last
+    given = {"encoder": encoder, "quantizer": quantizer, "levels": levels, "codebook": codebook, "seed": seed}
+    shorthands = [f"{key}={value}" for key, value in given.items() if value is not None]
+    settings = load_sid_config(config, [*set_, *shorthands, *(["unique=true"] if unique else [])])
+
     # RQ-VAE shows its own training bar; rich allows one live display at a time.
-    training_bar = quantizer.startswith("rq-vae")
-    status = f"building SIDs for {data} ({encoder} x {quantizer})"
+    training_bar = settings.quantizer.startswith("rq-vae")
+    status = f"building SIDs for {data} ({settings.encoder} x {settings.quantizer})"
     with nullcontext() if training_bar else console.status(status):
-        table = build_sid_table(
-            data,
-            encoder=encoder,
-            quantizer=quantizer,
-            levels=levels,
-            codebook=codebook,
-            seed=seed,
-            unique=unique,
-            out=out,
-            progress=training_bar,
-            cache=not no_cache,
-            force=force,
-        )
+        table = build_sid_table(data, settings, out=out, progress=training_bar, cache=not no_cache, force=force)
     print_quality(table.settings, table.quality)
     console.print(f"wrote {data / out} in {table.quality['build_seconds']:.1f} s")
 
@@ -129,7 +129,8 @@ def info(
     table = SidTable.load(data / name, n_items=n_items)
     if not {"n_items", "n_sids", "unique_sid_rate", "levels"} <= table.quality.keys():
         console.print(
-            f"[bold]{data / name}[/]: {table.levels} levels, {table.n_items:,} items, settings {table.settings}; no quality report"
+            f"[bold]{data / name}[/]: {table.levels} levels, {table.n_items:,} items, "
+            f"settings {table.settings}; no quality report"
         )
         return
     print_quality(table.settings, table.quality, title=str(data / name))

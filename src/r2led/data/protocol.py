@@ -49,13 +49,3 @@ def global_order(ts: np.ndarray, user: np.ndarray, item: np.ndarray) -> np.ndarr
                 packed += k.astype(np.int64) - low
             return np.argsort(packed, kind="stable")
     return np.lexsort((item, user, ts))
-
-
-def split_ids(n: int, protocol: Protocol) -> np.ndarray:
-    """Split code per sample (0 train, 1 valid, 2 test) for samples already in global order."""
-    n_train = int(protocol.train_fraction * n)
-    n_valid = int(protocol.valid_fraction * n)
-    split = np.full(n, 2, dtype=np.int8)
-    split[:n_train] = 0
-    split[n_train : n_train + n_valid] = 1
-    return split

@@ -35,15 +35,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from r2led.data.protocol import SPLITS, Protocol
+from r2led.data.store_writer import FORMAT_VERSION, MANIFEST, write_store
 from r2led.errors import DataError
 
 if TYPE_CHECKING:
     from r2led.data.tables import CanonicalTables
 
-MANIFEST = "manifest.json"
 _GATHER_TOKENS = 1 << 20  # history tokens gathered per block in LifelongStore.history
 STORE_FILES = ("samples.parquet", "items.parquet", "users.parquet", "vocab.json")  # besides seq_*.npy
-FORMAT_VERSION = 1
 # Manifest keys every reader relies on (a manifest without them is refused on load).
 MANIFEST_KEYS = (
     "name",
@@ -75,9 +74,7 @@ def build_store(
     be a ``pl.DataFrame`` or a ``pl.LazyFrame``; about ``chunk_rows`` rows are held in memory
     at a time and the result does not depend on it.
     """
-    from r2led.data.store_writer import write_store
-
-    return write_store(tables, out, protocol, force=force, chunk_rows=chunk_rows)
+    return LifelongStore(write_store(tables, out, protocol, force=force, chunk_rows=chunk_rows))
 
 
 @dataclass(frozen=True)
@@ -134,7 +131,8 @@ class LifelongStore:
         if any(a.ndim != 1 for a in (self.offsets, self.seq_items, self.seq_ts, self.seq_signal)):
             problem = "sequence arrays must be one-dimensional"
         elif len(self.seq_ts) != rows or len(self.seq_signal) != rows:
-            problem = f"seq_items, seq_ts and seq_signal differ in length ({rows}, {len(self.seq_ts)}, {len(self.seq_signal)})"
+            lengths = f"{rows}, {len(self.seq_ts)}, {len(self.seq_signal)}"
+            problem = f"seq_items, seq_ts and seq_signal differ in length ({lengths})"
         elif not isinstance(users, int) or self.offsets.shape != (users + 1,):
             problem = f"seq_offsets has {len(self.offsets)} entries, the manifest's {users!r} users need users + 1"
         elif self.offsets.dtype.kind not in "iu" or int(self.offsets[0]) != 0 or int(self.offsets[-1]) != rows:
@@ -180,6 +178,11 @@ class LifelongStore:
             return pl.read_parquet(path)
         except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
             raise DataError(f"{path} is corrupt: {exc}") from exc
+
+    @cached_property
+    def seq_rank(self) -> np.ndarray:
+        """(I,) int64, memory-mapped: each row's position in the global order (read on first use)."""
+        return self._load("seq_rank")
 
     @cached_property
     def samples(self) -> pl.DataFrame:

@@ -26,9 +26,11 @@ import pyarrow.parquet as pq
 from r2led import __version__
 from r2led.atomic import staged_folder
 from r2led.data.protocol import SPLITS, Protocol
-from r2led.data.store import FORMAT_VERSION, MANIFEST, LifelongStore
 from r2led.data.tables import CanonicalTables
 from r2led.errors import DataError
+
+MANIFEST = "manifest.json"  # written last: a folder without one is never taken for a store
+FORMAT_VERSION = 1  # of the store folder; LifelongStore refuses another
 
 
 def _encode(values: pl.Series) -> tuple[np.ndarray, list[str]]:
@@ -131,7 +133,8 @@ class _Columns:
         self.folder, self.dtypes = folder, dtypes
         folder.mkdir(parents=True, exist_ok=True)
         self.rows = 0
-        self._files = {name: open(folder / f"{name}.bin", "ab") for name in dtypes}
+        # kept open across appends, closed by close() / remove()
+        self._files = {name: open(folder / f"{name}.bin", "ab") for name in dtypes}  # noqa: SIM115
 
     def append(self, **cols: np.ndarray) -> None:
         for name, fh in self._files.items():
@@ -159,7 +162,7 @@ class _NpyAppender:
 
     def __init__(self, path: Path, dtype: type, length: int):
         self.dtype, self.length, self.written = np.dtype(dtype), length, 0
-        self.fh = open(path, "wb")
+        self.fh = open(path, "wb")  # noqa: SIM115 - written piece by piece, closed by close()
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (length,)}
         np.lib.format.write_array_header_1_0(self.fh, header)
 
@@ -490,8 +493,8 @@ def write_store(
     protocol: Protocol | None = None,
     force: bool = False,
     chunk_rows: int = 1 << 22,
-) -> LifelongStore:
-    """Encode canonical tables, apply the protocol and write a store folder atomically.
+) -> Path:
+    """Encode canonical tables, apply the protocol and write a store folder atomically; returns it.
 
     Streaming: ``tables.interactions`` may be a ``pl.DataFrame`` or a ``pl.LazyFrame``; at
     most about ``chunk_rows`` interactions are held in memory at a time (work files go beside
@@ -579,7 +582,7 @@ def write_store(
         }
         # The manifest is written last: a folder without one is never taken for a store.
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return LifelongStore(out)
+    return out
 
 
 def _encode_tables(tables: CanonicalTables) -> tuple[pl.DataFrame, pl.DataFrame, dict, dict, int]:

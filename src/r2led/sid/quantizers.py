@@ -5,9 +5,8 @@
 - ``rq-kmeans-balanced``: the same, with size-balanced k-means at every level: no code holds
   more than ceil(N / K) items (``balanced_kmeans``), so that codes are used evenly and fewer
   items share a SID.
-- ``rq-vae``: a residual-quantized autoencoder (see ``r2led.sid.rq_vae``).
-- ``rq-vae-sinkhorn``: the RQ-VAE with Sinkhorn (near-uniform) code assignment at every level,
-  in training and for the final codes.
+- ``rq-vae`` and ``rq-vae-sinkhorn``: a residual-quantized autoencoder, in ``r2led.sid.rq_vae``
+  (which builds on the k-means here). ``r2led.sid.build.quantize`` picks one by name.
 
 Codebook sizes may differ per level (``[16, 16, 32]``). Both quantizers report how much of
 the embeddings' variance each level leaves unexplained, so that levels can be compared.
@@ -20,9 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from numba import njit
 
-from r2led.errors import ConfigError, DataError
+from r2led.errors import DataError
 
-QUANTIZERS = ("rq-kmeans", "rq-kmeans-balanced", "rq-vae", "rq-vae-sinkhorn")
 BALANCED_ITERATIONS = 10  # capacity-constrained assignment / centroid update rounds
 KMEANS_NITER = 25
 NREDO = 5  # k-means restarts, best objective kept: one run often merges two true clusters
@@ -155,19 +153,6 @@ def rq_kmeans(
     if balanced:
         params.update(balanced=True, balanced_rounds=BALANCED_ITERATIONS)
     return Quantization(codes, left, left[-1], params)
-
-
-def quantize(x: np.ndarray, quantizer: str, codebook: list[int], seed: int = 0, progress: bool = False) -> Quantization:
-    """Codes (N, L) for embeddings x (N, D) with the named quantizer (see ``QUANTIZERS``)."""
-    if quantizer in ("rq-kmeans", "rq-kmeans-balanced"):
-        return rq_kmeans(x, codebook, seed=seed, balanced=quantizer == "rq-kmeans-balanced")
-    if quantizer in ("rq-vae", "rq-vae-sinkhorn"):
-        from r2led.sid.rq_vae import RqVaeConfig, train_rq_vae
-
-        return train_rq_vae(
-            x, codebook, RqVaeConfig(seed=seed, sinkhorn=quantizer == "rq-vae-sinkhorn"), progress=progress
-        )
-    raise ConfigError(f"unknown quantizer {quantizer!r}; expected one of {', '.join(QUANTIZERS)}")
 
 
 def append_unique_level(codes: np.ndarray) -> np.ndarray:

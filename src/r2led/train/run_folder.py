@@ -26,7 +26,7 @@ import yaml
 
 from r2led.atomic import write_text_atomic
 from r2led.config import RunConfig, validate_config
-from r2led.errors import CheckpointError, ConfigError, DataError, R2ledError
+from r2led.errors import CheckpointError, ConfigError, DataError, R2ledError, one_line
 
 RUN_CONFIG = "config.yaml"
 # Settings that may change on --resume: how long to train and how a run is computed, not what.
@@ -82,11 +82,6 @@ def is_run_folder(path: str | Path) -> bool:
     return (Path(path) / RUN_CONFIG).is_file()
 
 
-def _one_line(text: object, limit: int = 200) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
 def _read_tree(run: str | Path) -> dict:
     path = Path(run) / RUN_CONFIG
     if not path.is_file():
@@ -94,29 +89,39 @@ def _read_tree(run: str | Path) -> dict:
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise CheckpointError(f"{path} is corrupt: {_one_line(exc, 120)}") from exc
+        raise CheckpointError(f"{path} is corrupt: {one_line(exc, 120)}") from exc
     if not isinstance(tree, dict) or not isinstance(tree.get("data"), str):
         raise CheckpointError(f"{path} is corrupt: expected a mapping with the run's data folder")
     return tree
 
 
-def read_run_config(run: str | Path) -> tuple[str, RunConfig]:
-    """A run folder's data folder and validated configuration, from its ``config.yaml``."""
+def _read_run(run: str | Path) -> tuple[str, RunConfig, object]:
+    """A run folder's data folder, validated configuration and recorded fingerprints (unchecked),
+    from one reading of its ``config.yaml``."""
     tree = _read_tree(run)
     data = tree.pop("data")
-    tree.pop("fingerprints", None)
+    recorded = tree.pop("fingerprints", None)
     try:
-        return data, validate_config(tree)
+        return data, validate_config(tree), recorded
     except ConfigError as exc:
-        raise CheckpointError(f"{Path(run) / RUN_CONFIG} is corrupt: {_one_line(exc, 160)}") from exc
+        raise CheckpointError(f"{Path(run) / RUN_CONFIG} is corrupt: {one_line(exc, 160)}") from exc
+
+
+def _checked_fingerprints(run: str | Path, recorded: object) -> dict[str, str | None]:
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("data"), str):
+        raise CheckpointError(f"{run} records no data fingerprints (written by an older r2led or edited); retrain it")
+    return {"data": recorded["data"], "sid": recorded.get("sid")}
+
+
+def read_run_config(run: str | Path) -> tuple[str, RunConfig]:
+    """A run folder's data folder and validated configuration, from its ``config.yaml``."""
+    data, cfg, _ = _read_run(run)
+    return data, cfg
 
 
 def run_fingerprints(run: str | Path) -> dict[str, str | None]:
     """The fingerprints a run recorded when it started (see :func:`fingerprints`)."""
-    recorded = _read_tree(run).get("fingerprints")
-    if not isinstance(recorded, dict) or not isinstance(recorded.get("data"), str):
-        raise CheckpointError(f"{run} records no data fingerprints (written by an older r2led or edited); retrain it")
-    return {"data": recorded["data"], "sid": recorded.get("sid")}
+    return _checked_fingerprints(run, _read_tree(run).get("fingerprints"))
 
 
 def write_run_config(run: str | Path, data: str | Path, cfg: RunConfig, prints: dict[str, str | None]) -> None:
@@ -173,14 +178,15 @@ def verify_run(run: str | Path, *, require_finished: bool) -> tuple[str, RunConf
     recorded when training started. Raises a one-line :class:`R2ledError` otherwise.
     """
     run = Path(run)
-    data, cfg = read_run_config(run)
+    data, cfg, recorded = _read_run(run)
     if not (run / "best.pt").is_file():
         raise CheckpointError(
-            f"no best.pt yet (training stopped before its first evaluation); finish the run: {_train_command(run, data, cfg)}"
+            "no best.pt yet (training stopped before its first evaluation); "
+            f"finish the run: {_train_command(run, data, cfg)}"
         )
     if require_finished and not (run / "metrics.json").is_file():
         raise CheckpointError(f"the run is unfinished (no metrics.json); finish it: {_train_command(run, data, cfg)}")
-    recorded = run_fingerprints(run)
+    recorded = _checked_fingerprints(run, recorded)
     if not Path(data).is_dir():
         raise DataError(f"{run} was trained on {data}, which no longer exists; prepare it again or retrain")
     check_fingerprints(run, data, Path(data) / cfg.sid, recorded, fingerprints(data, cfg))
@@ -213,7 +219,7 @@ def check_run_folder(
         raise ConfigError(f"--out {out} is not empty and is not a run folder (no {RUN_CONFIG}); choose another --out")
     if force:
         return "replace"
-    saved_data, saved = read_run_config(out)
+    _, saved, recorded = _read_run(out)
     if not resume:
         raise ConfigError(
             f"{out} already holds a run ({saved.model.name}); pass --resume to continue it, --force to start it again, "
@@ -222,7 +228,7 @@ def check_run_folder(
     diff = config_differences(saved, cfg, ignore=RESUMABLE_CHANGES)
     if diff:
         raise ConfigError(f"cannot resume {out} with other settings ({'; '.join(diff)}); use --force to start again")
-    check_fingerprints(out, data, Path(data) / cfg.sid, run_fingerprints(out), prints)
+    check_fingerprints(out, data, Path(data) / cfg.sid, _checked_fingerprints(out, recorded), prints)
     return "resume"
 
 

@@ -45,11 +45,10 @@ from r2led.data.sources.checks import (
     json_string,
     locate_json_problem,
     refusal,
-    short,
     time_checks,
 )
 from r2led.data.tables import CanonicalTables
-from r2led.errors import DataError
+from r2led.errors import DataError, one_line
 
 REVIEW_COLUMNS = {"reviewerID": pl.String, "asin": pl.String, "overall": pl.Float64, "unixReviewTime": pl.Int64}
 _SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
@@ -91,7 +90,7 @@ def _read_bytes(file: Path) -> bytes:
         with opener(file, "rb") as fh:
             return fh.read()
     except OSError as exc:
-        raise DataError(f"amazon: cannot read {file}: {short(exc)}") from exc
+        raise DataError(f"amazon: cannot read {file}: {one_line(exc)}") from exc
 
 
 _REVIEW_RULES = {"reviewerID": json_string, "asin": json_string, "overall": json_number, "unixReviewTime": json_integer}
@@ -133,7 +132,7 @@ def _unreadable(file: Path, exc: Exception) -> DataError:
     """The line polars could not read (found by a slower exact scan), or polars' reason, short."""
     found = locate_json_problem(file, _REVIEW_RULES)
     if found is None:
-        return DataError(f"amazon: {file} is not JSON lines with {list(REVIEW_COLUMNS)}: {short(exc)}")
+        return DataError(f"amazon: {file} is not JSON lines with {list(REVIEW_COLUMNS)}: {one_line(exc)}")
     line, column, problem, text = found
     return refusal("amazon", file, line, column, problem, text)
 

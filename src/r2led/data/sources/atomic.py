@@ -6,8 +6,7 @@ from pathlib import Path
 
 import polars as pl
 
-from r2led.data.sources.checks import short
-from r2led.errors import DataError
+from r2led.errors import DataError, one_line
 
 
 def read_atomic(path: Path, required: list[str]) -> pl.DataFrame:
@@ -17,7 +16,7 @@ def read_atomic(path: Path, required: list[str]) -> pl.DataFrame:
     try:
         df = pl.read_csv(path, separator="\t", quote_char=None, infer_schema=False, truncate_ragged_lines=True)
     except pl.exceptions.PolarsError as exc:  # e.g. bytes that are not UTF-8
-        raise DataError(f"cannot read {path} as a tab-separated atomic file: {short(exc)}") from None
+        raise DataError(f"cannot read {path} as a tab-separated atomic file: {one_line(exc)}") from None
     df = df.rename({c: c.split(":")[0].strip() for c in df.columns})
     df = df.with_columns(pl.all().str.strip_chars())
     missing = [c for c in required if c not in df.columns]

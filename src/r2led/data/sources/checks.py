@@ -28,7 +28,7 @@ from pathlib import Path
 
 import polars as pl
 
-from r2led.errors import DataError
+from r2led.errors import DataError, one_line
 
 EXCERPT = 100  # characters of input quoted in a message, at most
 TS_MIN = 631_152_000  # 1990-01-01T00:00:00Z
@@ -47,12 +47,6 @@ def excerpt(value: object, limit: int = EXCERPT) -> str:
     if len(text) <= limit:
         return repr(text)
     return f"{text[:limit]!r}... ({len(text):,} characters)"
-
-
-def short(exc: BaseException, limit: int = 2 * EXCERPT) -> str:
-    """An exception's message on one line, at most ``limit`` characters."""
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def refusal(
@@ -141,7 +135,8 @@ def raise_first_failure(source: str, file: Path, frame: pl.LazyFrame | pl.DataFr
 
 # ---- exact locators for the error path -------------------------------------------------------
 def _open_text(file: Path) -> io.TextIOBase:
-    raw = gzip.open(file, "rb") if file.name.lower().endswith(".gz") else open(file, "rb")
+    # the caller closes it (`with _open_text(file) as fh`): the handle outlives this function
+    raw = gzip.open(file, "rb") if file.name.lower().endswith(".gz") else open(file, "rb")  # noqa: SIM115
     return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
 
 
@@ -169,7 +164,7 @@ def locate_csv_problem(
             except StopIteration:
                 return None
             except csv.Error as exc:
-                return start, f"cannot be parsed as CSV ({short(exc, 80)})", _line_text(file, start)
+                return start, f"cannot be parsed as CSV ({one_line(exc, 80)})", _line_text(file, start)
             line = start
             if header and line == 1 or not fields:
                 continue
@@ -213,7 +208,7 @@ def locate_json_problem(
         try:
             row = parse(line)
         except (ValueError, SyntaxError) as exc:
-            return number, None, f"is not valid JSON ({short(exc, 80)})", line
+            return number, None, f"is not valid JSON ({one_line(exc, 80)})", line
         if not isinstance(row, dict):
             return number, None, "is not a JSON object", line
         for col, rule in schema.items():

@@ -40,11 +40,10 @@ from r2led.data.sources.checks import (
     locate_csv_problem,
     raise_first_failure,
     refusal,
-    short,
     time_checks,
 )
 from r2led.data.tables import CanonicalTables
-from r2led.errors import DataError
+from r2led.errors import DataError, one_line
 
 LOG_REQUIRED = ("user_id", "video_id", "time_ms", "is_click")
 VIDEO_REQUIRED = ("video_id", "video_type", "tag")
@@ -92,7 +91,7 @@ def _header(file: Path) -> list[str]:
     try:
         return pl.read_csv(file, n_rows=0, infer_schema=False).columns
     except (pl.exceptions.PolarsError, OSError) as exc:
-        raise DataError(f"kuairand: cannot read {file} as CSV: {short(exc)}") from None
+        raise DataError(f"kuairand: cannot read {file} as CSV: {one_line(exc)}") from None
 
 
 def _read_csv(file: Path, required: tuple[str, ...]) -> pl.DataFrame:
@@ -166,7 +165,7 @@ def _unreadable(file: Path, header: list[str], exc: Exception) -> DataError:
     """The line polars could not read (found by a slower exact scan), or polars' reason, short."""
     found = locate_csv_problem(file, header, header=True)
     if found is None:
-        return DataError(f"kuairand: cannot read {file} as CSV: {short(exc)}")
+        return DataError(f"kuairand: cannot read {file} as CSV: {one_line(exc)}")
     line, problem, text = found
     return refusal("kuairand", file, line, None, problem, text)
 

@@ -249,7 +249,8 @@ def _check(s: dict) -> None:
         raise ConfigError(f"synthetic-lifelong: burst and gap must be >= 1; got burst={s['burst']}, gap={s['gap']}")
     if not (s["focus"] >= 0 and s["recall"] >= 0 and s["focus"] + s["recall"] <= 1):
         raise ConfigError(
-            f"synthetic-lifelong: focus and recall must be >= 0 with focus + recall <= 1; got {s['focus']}, {s['recall']}"
+            "synthetic-lifelong: focus and recall must be >= 0 with focus + recall <= 1; "
+            f"got {s['focus']}, {s['recall']}"
         )
 
 

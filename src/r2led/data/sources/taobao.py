@@ -37,11 +37,10 @@ from r2led.data.sources.checks import (
     not_in,
     raise_first_failure,
     refusal,
-    short,
     time_checks,
 )
 from r2led.data.tables import CanonicalTables
-from r2led.errors import DataError
+from r2led.errors import DataError, one_line
 
 FILE_NAME = "UserBehavior.csv"
 COLUMNS = ("user", "item", "category", "behavior", "timestamp")
@@ -110,7 +109,7 @@ def _check_width(file: Path) -> None:
         with open(file, "rb") as fh:
             first = fh.readline(4096).decode("utf-8", errors="replace").rstrip("\r\n")
     except OSError as exc:
-        raise DataError(f"taobao: cannot read {file}: {short(exc)}") from exc
+        raise DataError(f"taobao: cannot read {file}: {one_line(exc)}") from exc
     if not first.strip():
         if file.stat().st_size == 0:
             raise DataError(f"taobao: {file} holds no rows")
@@ -124,6 +123,6 @@ def _unreadable(file: Path, exc: Exception) -> DataError:
     """The line polars could not read (found by a slower exact scan), or polars' reason, short."""
     found = locate_csv_problem(file, list(COLUMNS), header=False, quoting=False)
     if found is None:
-        return DataError(f"taobao: cannot read {file} as CSV: {short(exc)}")
+        return DataError(f"taobao: cannot read {file} as CSV: {one_line(exc)}")
     line, problem, text = found
     return refusal("taobao", file, line, None, problem, text)
