@@ -64,17 +64,7 @@ class Guards:
                         send, 413, f"request body is larger than the limit of {self.max_body_bytes:,} bytes"
                     )
                 more = message.get("more_body", False)
-            body = b"".join(chunks)
-            sent = False
-
-            async def replay():
-                nonlocal sent
-                if sent:
-                    return await receive()
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            return await self.app(scope, replay, send)
+            return await self.app(scope, replay_body(b"".join(chunks), receive), send)
         await self.app(scope, receive, send)
 
     def _authorised(self, headers: dict[bytes, bytes]) -> bool:
@@ -83,3 +73,18 @@ class Guards:
             auth = headers.get(b"authorization", b"")
             key = auth[7:].strip() if auth[:7].lower() == b"bearer " else None
         return key is not None and any(hmac.compare_digest(key, k) for k in self.api_keys)
+
+
+def replay_body(body: bytes, receive):
+    """An ASGI ``receive`` that hands on ``body`` whole (already read), then whatever the
+    connection sends next."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay

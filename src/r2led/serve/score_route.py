@@ -28,6 +28,7 @@ from __future__ import annotations
 import orjson
 
 from r2led.serve.errors import ScoringInputError, UnknownItemError, UnknownUserError
+from r2led.serve.guards import replay_body
 from r2led.serve.limits import Limits
 from r2led.serve.scoring_service import Scored, ScoringService
 
@@ -67,7 +68,7 @@ class ScoreRoute:
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         request = self.parse(body)
         if request is None:
-            return await self.app(scope, _replay(body, receive), send)
+            return await self.app(scope, replay_body(body, receive), send)
         user, keys = request
         try:
             scored = self.service.score(user, keys)  # on the loop's thread (see the module docstring)
@@ -103,20 +104,6 @@ class ScoreRoute:
             else:
                 return None
         return user, keys
-
-
-def _replay(body: bytes, receive):
-    """A ``receive`` that hands on ``body`` whole, then whatever the connection sends next."""
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if sent:
-            return await receive()
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return replay
 
 
 async def _reply(send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = ()) -> None:

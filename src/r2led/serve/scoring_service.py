@@ -65,9 +65,6 @@ class ScoringService:
     def t_max(self) -> int:
         return self.scoring.t_max
 
-    def is_known(self, user: str) -> bool:
-        return self.scoring.in_user_table(user) or self.store.seq(user) is not None
-
     # ---- histories --------------------------------------------------------------------------
     def set_history(
         self, user: str, items: Sequence[str], signals: Sequence[int], features: Mapping[str, object] | None = None
