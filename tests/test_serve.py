@@ -4,6 +4,7 @@ errors, the HTTP API with its limits and keys, and the CLI."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -441,11 +442,53 @@ def test_the_score_route_answers_as_the_fastapi_route_does(service, content_type
     assert statuses == ({200, 400, 404, 422} if content_type == "application/json" else {422})
 
 
+def test_the_score_route_reads_only_the_first_content_type(service):
+    # Starlette reads the first content-type header: a text/plain body with a second, JSON
+    # content-type goes to FastAPI (which answers 422), never to the fast path
+    import asyncio
+
+    from r2led.serve.score_route import ScoreRoute
+
+    passed_on = []
+
+    async def fastapi_app(scope, receive, send):
+        passed_on.append(scope["path"])
+
+    route = ScoreRoute(fastapi_app, service, Limits())
+    body, sent = b'{"user": "u1", "candidates": ["i1"]}', []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    for first, second in ((b"text/plain", b"application/json"), (b"application/json", b"text/plain")):
+        headers = [(b"content-type", first), (b"content-type", second)]
+        scope = {"type": "http", "method": "POST", "path": "/score", "headers": headers}
+        passed_on.clear()
+        sent.clear()
+        asyncio.run(route(scope, receive, send))
+        assert passed_on == (["/score"] if first == b"text/plain" else [])
+        assert bool(sent) == (first == b"application/json")  # the fast path answered itself
+
+
 def test_an_unexpected_long_field_name_is_not_echoed_back(client):
     key = "k" * 5000  # pydantic puts an unexpected field's name into the error location
     r = client.put("/users/u1/history", json={"events": [], key: 1})
     assert r.status_code == 422
     assert key[:41] not in r.text and len(r.text) < 400
+
+
+def test_an_error_body_quotes_at_most_100_characters_of_the_request_in_all(client):
+    # three problems, each with a long field name and a long value: the quotes share 100 characters
+    body = {"user": "U" * 5000, "candidates": ["C" * 5000], "Z" * 5000: "W" * 5000}
+    for method, path in (("post", "/score"), ("put", "/users/u1/history")):
+        r = getattr(client, method)(path, json=body)
+        assert r.status_code == 422, r.text
+        detail = r.json()["detail"]
+        quoted = sum(len(run) for run in re.findall(r"U+|C{2,}|Z+|W+", detail))
+        assert 0 < quoted <= 100, detail
 
 
 def test_chunked_body_past_the_cap_is_413(client):

@@ -37,6 +37,8 @@ import numpy as np
 
 from r2led.errors import R2ledError
 
+REQUEST_TIMEOUT_S = 30.0  # an answer slower than this counts as an error (and its connection is dropped)
+
 
 @dataclass
 class LoadResult:
@@ -235,8 +237,9 @@ async def _drive(
             n += 1
             start = time.perf_counter()
             try:
-                status, headers, _ = await conn.send(request)
-            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+                # a stalled answer is an error, not a hang of the whole run
+                status, headers, _ = await asyncio.wait_for(conn.send(request), REQUEST_TIMEOUT_S)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
                 errors += 1
                 conn.close()  # the next request opens a new connection
                 continue

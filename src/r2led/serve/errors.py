@@ -10,6 +10,7 @@ from __future__ import annotations
 from r2led.errors import CheckpointError, R2ledError
 
 ECHO_CHARS = 40  # characters of a client's value quoted in an error message
+ECHO_TOTAL = 100  # characters of a client's data one error body may quote, all quotes together
 
 
 def clip(value: object, limit: int = ECHO_CHARS) -> str:

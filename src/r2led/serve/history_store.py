@@ -4,7 +4,9 @@ A store keeps, per user: the most recent ``t_max`` behaviours (item key, signal)
 the feature values set through the API (name -> value); and ``seq``, a counter that every
 change of the user increases (by the number of events appended, or by one for a replace).
 Caches compare ``seq`` to know whether their copy is current, so several processes (workers,
-replicas) can share one store.
+replicas) can share one store. A store also keeps the ``seq`` of the user's last replace, so a
+cache that is behind by appends only can ask for just those events
+(``appended_since(user, seq)``) instead of reloading the whole record.
 
 Policy for older behaviours: an append that takes a user past ``t_max`` drops the oldest in
 the same transaction. The store is the serving copy of recent behaviour, not the system of
@@ -35,6 +37,15 @@ class StoredHistory:
     features: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Appended:
+    """The events a user got after some ``seq`` (all appends, oldest first), up to ``seq``."""
+
+    seq: int  # the user's change counter after these events
+    items: list[str]  # item keys, oldest first
+    signals: list[int]
+
+
 class HistoryStore(Protocol):
     """What the service needs from a history store (see the module docstring)."""
 
@@ -45,6 +56,11 @@ class HistoryStore(Protocol):
 
     def load(self, user: str) -> StoredHistory | None:
         """The user's record, ``None`` for a user the store has never seen."""
+
+    def appended_since(self, user: str, seq: int) -> Appended | None:
+        """The events appended to the user after change ``seq``, read in one snapshot; ``None``
+        when they are not enough to bring a copy at ``seq`` up to date: a replace happened after
+        ``seq``, more events than ``t_max`` were appended since, or the store never saw ``seq``."""
 
     def append(self, user: str, items: list[str], signals: list[int]) -> tuple[int, int]:
         """Add events as the most recent (dropping the oldest past t_max); returns (seq, length)."""

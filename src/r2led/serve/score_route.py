@@ -56,7 +56,9 @@ class ScoreRoute:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != "/score" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        if not any(name == b"content-type" and value.lower() in JSON_TYPES for name, value in scope["headers"]):
+        # the first content-type header decides, as Starlette reads it
+        content_type = next((value for name, value in scope["headers"] if name == b"content-type"), b"")
+        if content_type.lower() not in JSON_TYPES:
             return await self.app(scope, receive, send)
         chunks, more = [], True
         while more:

@@ -34,7 +34,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, c
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from r2led import __version__
-from r2led.serve.errors import ECHO_CHARS, ScoringInputError, UnknownItemError, UnknownUserError, clip
+from r2led.serve.errors import ECHO_CHARS, ECHO_TOTAL, ScoringInputError, UnknownItemError, UnknownUserError, clip
 from r2led.serve.guards import OPEN_PATHS, Guards
 from r2led.serve.limits import Limits
 from r2led.serve.score_route import ScoreRoute, score_answer
@@ -220,9 +220,13 @@ def create_app(service: ScoringService, limits: Limits | None = None, api_keys: 
             return OrjsonResponse({"detail": "the body is not valid JSON (UTF-8)"}, status_code=400)
         groups: dict[str, list] = {}  # a union (item key: string or integer) reports once per branch
         for err in errors:
-            groups.setdefault(_where(err["loc"]), []).append(err)
+            groups.setdefault(_where(err["loc"], ECHO_CHARS), []).append(err)
         problems = []
-        for where, errs in list(groups.items())[:3]:  # one short line: the first problems
+        shown = list(groups.items())[:3]  # one short line: the first problems
+        # every quote of the client's data (field names and values) shares ECHO_TOTAL characters
+        quote = min(ECHO_CHARS, ECHO_TOTAL // (2 * max(len(shown), 1)))
+        for _, errs in shown:
+            where = _where(errs[0]["loc"], quote)
             err = next((e for e in errs if not e["type"].endswith("_type") and e["type"] != "value_error"), None)
             if err is None:  # only type errors: one per branch of the union, or a single one
                 err = errs[0]
@@ -234,7 +238,9 @@ def create_app(service: ScoringService, limits: Limits | None = None, api_keys: 
             else:
                 msg = err["msg"]
             got = (
-                f" (got {clip(err['input'])})" if "input" in err and not isinstance(err["input"], (dict, list)) else ""
+                f" (got {clip(err['input'], quote)})"
+                if "input" in err and not isinstance(err["input"], (dict, list))
+                else ""
             )
             problems.append(f"{where}: {msg}{got}")
         more = f"; and {len(groups) - 3} more" if len(groups) > 3 else ""
@@ -310,10 +316,11 @@ def create_app(service: ScoringService, limits: Limits | None = None, api_keys: 
     return Guards(ScoreRoute(app, service, limits), api_keys, limits.max_body_bytes)
 
 
-def _where(loc) -> str:
-    """``body.candidates.0`` from pydantic's location, without its union-branch tags."""
+def _where(loc, limit: int) -> str:
+    """``body.candidates.0`` from pydantic's location, without its union-branch tags; a part
+    longer than ``limit`` is cut there."""
     parts = (
-        str(p) if isinstance(p, int) else p if len(p) <= ECHO_CHARS else f"{p[:ECHO_CHARS]}..."
+        str(p) if isinstance(p, int) else p if len(p) <= limit else f"{p[:limit]}..."
         for p in loc
         if isinstance(p, int) or not any(c in p for c in "[(-") and p not in ("str", "int")
     )

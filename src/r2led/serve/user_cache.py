@@ -1,17 +1,21 @@
 """Users in memory: an LRU cache of per-user state in front of the history store.
 
 ``UserHistories.state(user)`` returns the user's ``UserState``, current with the store: it
-reads the user's change counter ``seq`` from the store (one cheap read) and reloads the record
-only when another process (a worker or a replica) changed it, or when the user was evicted. At
-most ``max_users`` users stay in memory; the least recently used leave first and reload from
-the store on their next request.
+reads the user's change counter ``seq`` from the store (one cheap read). When another process
+(a worker or a replica) appended to the user, the kept copy catches up: under the user's lock
+it reads only the new events (``store.appended_since``) and applies them with ``state.append``
+(O(events), the model's index included). It reloads the whole record (O(T)) only when the
+store cannot give that gap (a replace, or more than ``t_max`` events since), when some stored
+items are unknown to the model, or when the user was evicted. At most ``max_users`` users stay
+in memory; the least recently used leave first and reload from the store on their next request.
 
 A ``UserState`` holds the model's request state (``r2led.models.user_state``: the history
 window, the features, and the per-user index the model builds on its first request), built
 when the user is loaded. An append goes to the store first (the durable, atomic step), then,
 under the user's lock, into the kept request state with ``state.append`` (O(1) amortised per
-event, the model's index included) when nothing else changed the user in between; otherwise
-the cached copy is dropped and reloads on the next request.
+event, the model's index included); when another process appended in between, the kept copy
+catches up as above, and only when that is impossible is it dropped (to reload on the next
+request).
 """
 
 from __future__ import annotations
@@ -64,7 +68,8 @@ class UserHistories:
         self.store, self.scoring, self.max_users = store, scoring, int(max_users)
         self._cache: OrderedDict[str, UserState] = OrderedDict()
         self._lock = threading.Lock()
-        self.loads = 0  # records read from the store (cache misses and stale copies)
+        self.loads = 0  # whole records read from the store (cache misses and stale copies)
+        self.catch_ups = 0  # kept copies brought up to date from the store's new events only
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -80,6 +85,12 @@ class UserHistories:
             if cached is not None and cached.seq == seq:
                 self._cache.move_to_end(user)
                 return cached
+        if cached is not None and cached.seq < seq:
+            with cached.lock:  # serialised with this process's appends to the user
+                if cached.seq >= seq or self._catch_up(user, cached):
+                    self._touch(user, cached)
+                    return cached
+            self._drop(user, cached)
         record = self.store.load(user)
         if record is None:
             return None
@@ -103,8 +114,34 @@ class UserHistories:
                     cached.request.extend(ids, signals)
                 cached.seq = seq
                 return seq, length
+            if cached.seq >= seq or self._catch_up(user, cached):  # others' appends, then this one
+                return seq, length
         self._drop(user, cached)
         return seq, length
+
+    def _catch_up(self, user: str, cached: UserState) -> bool:
+        """Apply the events appended to the user after ``cached.seq`` (held: ``cached.lock``);
+        ``False`` when the store cannot give them or they cannot be applied (reload instead)."""
+        if cached.skipped:  # the kept window is not the stored one: trimming would not match
+            return False
+        new = self.store.appended_since(user, cached.seq)
+        if new is None:
+            return False
+        ids = self.scoring.lookup_items(new.items)  # (n,) item ids, 0: unknown to the model
+        signals = np.asarray(new.signals, dtype=np.int64)  # (n,)
+        if not ((ids > 0).all() and ((signals >= 1) & (signals <= self.scoring.signal_max)).all()):
+            return False  # checked before any is applied: never half of them
+        with cached.request.lock:  # a request sees all of these events or none of them
+            cached.request.extend(ids, signals)
+        cached.seq = new.seq
+        self.catch_ups += 1
+        return True
+
+    def _touch(self, user: str, state: UserState) -> None:
+        """Mark the user as just used (if ``state`` is still its cached copy)."""
+        with self._lock:
+            if self._cache.get(user) is state:
+                self._cache.move_to_end(user)
 
     def replace(
         self, user: str, keys: list[str], signals: list[int], features: dict[str, str] | None
