@@ -258,7 +258,8 @@ def speed_markdown(report: dict) -> str:
         "",
         *_table(report, "latency_ms_p95", ".2f", "serve_skipped", names=warm + cold + batch + floors),
         "",
-        "## Ratio to the floor (CPU time, warm)",
+        "## Ratio to the default R2LED's floor (`floor`; each encoder's own floor is in the headline table; "
+        "CPU time, warm)",
         "",
         *_table(report, "cpu_ms_p50", ".2f", "serve_skipped", ref_name=FLOOR, names=warm),
         "",
