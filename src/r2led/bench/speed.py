@@ -139,10 +139,11 @@ def run_speed(
     load_before = os.getloadavg()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    strawman = [m for m in strawman if m in models]
     try:
         report = _run(
             lengths, models, candidates, repeats, train_batch, items, seed, warmup, train_steps,
-            memory_limit_gb * 2**30, time_limit_s, [m for m in strawman if m in models], strawman_max_t, console, out,
+            memory_limit_gb * 2**30, time_limit_s, strawman, strawman_max_t, console, out,
         )  # fmt: skip
     finally:
         torch.set_num_threads(previous_threads)
@@ -150,25 +151,11 @@ def run_speed(
         "lengths": lengths, "models": models, "candidates": candidates, "repeats": repeats, "warmup": warmup,
         "train_batch": train_batch, "train_steps": train_steps, "items": items, "seed": seed,
         "memory_limit_gb": memory_limit_gb, "time_limit_s": time_limit_s, "sid_codebooks": list(BRANCHING),
-        "strawman": [m for m in strawman if m in models], "strawman_max_t": strawman_max_t,
+        "strawman": strawman, "strawman_max_t": strawman_max_t,
         "model_configs": {m: bench_model_config(m).model_dump() for m in models},
     }  # fmt: skip
     report["machine"] = machine_info(threads, load_before)
-    used = [m for m in strawman if m in models]
-    report["command"] = command_line(
-        lengths,
-        models,
-        out,
-        candidates,
-        repeats,
-        train_batch,
-        items,
-        seed,
-        memory_limit_gb,
-        time_limit_s,
-        used,
-        strawman_max_t,
-    )
+    report["command"] = command_line(report["settings"], out)
     report["date"] = started.isoformat(timespec="seconds")
     write_reports(report, out)
     print_summary(report, console)

@@ -48,27 +48,17 @@ def machine_info(threads: int, load_before: tuple[float, float, float]) -> dict:
     }
 
 
-def command_line(
-    lengths,
-    models,
-    out,
-    candidates,
-    repeats,
-    train_batch,
-    items,
-    seed,
-    memory_limit_gb,
-    time_limit_s,
-    strawman=(),
-    strawman_max_t=100_000,
-) -> str:
+def command_line(settings: dict, out) -> str:
+    """The ``r2led bench speed`` command that reproduces a run, from its ``report["settings"]``."""
+    s = settings
     cmd = (
-        f"r2led bench speed --lengths {','.join(map(str, lengths))} --models {','.join(models)} --out {out} "
-        f"--candidates {candidates} --repeats {repeats} --train-batch {train_batch} --items {items} --seed {seed} "
-        f"--strawman '{','.join(strawman)}' --strawman-max-t {strawman_max_t}"
+        f"r2led bench speed --lengths {','.join(map(str, s['lengths']))} --models {','.join(s['models'])} "
+        f"--out {out} --candidates {s['candidates']} --repeats {s['repeats']} --train-batch {s['train_batch']} "
+        f"--items {s['items']} --seed {s['seed']} --strawman '{','.join(s['strawman'])}' "
+        f"--strawman-max-t {s['strawman_max_t']}"
     )
-    if (memory_limit_gb, time_limit_s) != (8.0, 10.0):
-        cmd += f"  (run_speed: memory_limit_gb={memory_limit_gb:g}, time_limit_s={time_limit_s:g})"
+    if (s["memory_limit_gb"], s["time_limit_s"]) != (8.0, 10.0):
+        cmd += f"  (run_speed: memory_limit_gb={s['memory_limit_gb']:g}, time_limit_s={s['time_limit_s']:g})"
     return cmd
 
 
