@@ -41,6 +41,15 @@ def _popcount(x):
 
 
 @njit(cache=True)
+def _hamming(a, i, b, j):
+    """Hamming distance between packed signatures ``a[i]`` and ``b[j]`` (uint64 words)."""
+    total = np.uint64(0)
+    for w in range(a.shape[1]):
+        total += _popcount(a[i, w] ^ b[j, w])
+    return np.int64(total)
+
+
+@njit(cache=True)
 def _sift_down4(keys, rank, pos, cursor, size, at):
     """Restore the heap order from slot ``at`` down, for a heap of (key, rank, position, group cursor)."""
     key, rk, ps, cur = keys[at], rank[at], pos[at], cursor[at]
@@ -137,12 +146,8 @@ def walk_chains(last_of, prev, keys, k, start, out, taken):
 def _similarities(target_sig, c, slot_sig, levels, sim):
     """sim[s] = m - hamming(target c, slot s) for every slot: one pass over the slots'
     contiguous signatures (the popcount pattern vectorises)."""
-    words = slot_sig.shape[1]
     for s in range(slot_sig.shape[0]):
-        hamming = np.uint64(0)
-        for w in range(words):
-            hamming += _popcount(target_sig[c, w] ^ slot_sig[s, w])
-        sim[s] = levels - 1 - np.int64(hamming)
+        sim[s] = levels - 1 - _hamming(target_sig, c, slot_sig, s)
 
 
 @njit(cache=True)
@@ -166,10 +171,7 @@ def _similarity_levels(target_sig, c, rank_sig, levels, sim, per_level, order, s
         if slot_last[order[j]] < start:
             sim[j] = -1
             continue
-        hamming = np.uint64(0)
-        for w in range(words):
-            hamming += _popcount(target_sig[c, w] ^ rank_sig[j, w])
-        v = levels - 1 - np.int64(hamming)
+        v = levels - 1 - _hamming(target_sig, c, rank_sig, j)
         sim[j] = v
         per_level[v] += 1
 
@@ -357,16 +359,9 @@ def _near_items(
                 stamp[j] = c
                 near[n] = j
                 n += 1
-    words = rank_sig.shape[1]
     for i in range(n):
         j = near[i]
-        if slot_last[order[j]] < start:
-            sim[j] = -1
-            continue
-        hamming = np.uint64(0)
-        for w in range(words):
-            hamming += _popcount(target_sig[c, w] ^ rank_sig[j, w])
-        sim[j] = levels - 1 - np.int64(hamming)
+        sim[j] = -1 if slot_last[order[j]] < start else levels - 1 - _hamming(target_sig, c, rank_sig, j)
     return n
 
 
@@ -508,10 +503,7 @@ def batch_routes(hist, mask, target, sigs, tokens, k, quota, routes, disjoint, o
                 sim[t] = -1
                 continue
             h = hist[b, t]
-            hamming = 0
-            for w in range(words):
-                hamming += _popcount(sigs[tb, w] ^ sigs[h, w])
-            s = levels - 1 - hamming
+            s = levels - 1 - _hamming(sigs, tb, sigs, h)
             sim[t] = s
             level_all[s] += 1
             f = 0
