@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+from r2led.bench.serve_load import stop_server
 
 BIN = Path(sys.executable).parent
 
@@ -92,12 +93,7 @@ def serve_process(bundle: Path, store: str, *extra: str, timeout: float = 120):
         yield url, proc
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_server(proc, grace=20)
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:

@@ -114,6 +114,17 @@ def _start_server(bundle: Path, store: str, workers: int, threads: int, port: in
     return proc
 
 
+def stop_server(proc: subprocess.Popen, grace: float) -> None:
+    """Stop a server started in its own session (its workers included): SIGTERM to the process
+    group, then SIGKILL if it has not exited after ``grace`` seconds."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def _server_log(proc) -> str:
     """The last 500 characters the server wrote to stderr."""
     proc.log.seek(0)
@@ -332,12 +343,7 @@ def _load_run(
                 _drive(f"http://127.0.0.1:{port}", proc, item_keys, history, clients, candidates, duration, seed)
             )
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_server(proc, grace=30)
     n = len(lat)
     ms = np.asarray(lat) * 1000
     server_ms = cpu * 1000 / max(n, 1)
