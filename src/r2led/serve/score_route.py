@@ -81,7 +81,7 @@ class ScoreRoute:
         answer, timing = score_answer(user, scored)
         await _reply(send, 200, answer, [(b"server-timing", timing)])
 
-    def parse(self, body: bytes) -> tuple[str, list[str]] | None:
+    def parse(self, body: bytes) -> tuple[str, list[str | int]] | None:
         """(user, candidate keys) of a body that ``ScoreBody`` accepts as it is; ``None`` for
         any other body (the FastAPI route then answers it)."""
         try:
@@ -96,16 +96,11 @@ class ScoreRoute:
             return None
         if type(candidates) is not list or not 0 < len(candidates) <= self.max_candidates:
             return None
-        keys = []
         for key in candidates:
             kind = type(key)  # exact types: a bool is not an integer key, a float goes the long way
-            if kind is str and 0 < len(key) <= longest:
-                keys.append(key)
-            elif kind is int:
-                keys.append(str(key))
-            else:
+            if not (kind is int or (kind is str and 0 < len(key) <= longest)):
                 return None
-        return user, keys
+        return user, candidates  # integer keys are made str by ScoringService.score
 
 
 async def _reply(send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = ()) -> None:

@@ -138,8 +138,9 @@ class ScoringService:
         return self.store.replace_many(records)
 
     # ---- scoring ------------------------------------------------------------------------------
-    def score(self, user: str, candidates: Sequence[str]) -> Scored:
-        """Click probabilities of ``candidates`` (item keys, in order) for the user."""
+    def score(self, user: str, candidates: Sequence[str | int]) -> Scored:
+        """Click probabilities of ``candidates`` (item keys, in order; an integer key stands for
+        its decimal string) for the user."""
         n = len(candidates)
         if n == 0:
             raise ScoringInputError("candidates is empty: give at least one item key")

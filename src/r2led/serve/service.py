@@ -308,7 +308,7 @@ def create_app(service: ScoringService, limits: Limits | None = None, api_keys: 
         # a well-formed request is answered by ScoreRoute before it gets here; this route
         # answers the others (e.g. 7.0 as a key) the same way, and is what the schema describes.
         # Scored on the event loop's thread, like ScoreRoute does (see r2led.serve.score_route)
-        scored = service.score(body.user, [str(k) for k in body.candidates])
+        scored = service.score(body.user, body.candidates)  # keys (str or int) made str there
         answer, timing = score_answer(body.user, scored)
         return Response(answer, media_type="application/json", headers={"server-timing": timing.decode()})
 
