@@ -15,6 +15,7 @@ outside it is refused with one line that states the range, e.g.
 from __future__ import annotations
 
 from functools import cache
+from importlib import import_module
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -192,8 +193,13 @@ def model_config_class(name: str) -> type[ModelConfig]:
         raise ConfigError("no model is registered (entry points r2led.models): install r2led, e.g. `make install`")
     if name not in models:
         raise ConfigError(f"model.name: unknown model {name!r}; known: {', '.join(models)}")
-    entry = next(iter(entry_points(group=MODEL_ENTRY_POINTS, name=name)))
-    return entry.load().config_class
+    return load_model_class(models[name]).config_class
+
+
+def load_model_class(spec: str) -> type:
+    """The class an entry point's ``"module:Class"`` names (imports its module)."""
+    module, _, attr = spec.partition(":")
+    return getattr(import_module(module), attr)
 
 
 class RunConfig(BaseModel):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from importlib import import_module
-
-from r2led.config import ModelConfig, registered_models
+from r2led.config import ModelConfig, load_model_class, registered_models
 from r2led.errors import ConfigError
 
 # name -> "module:Class", from the `r2led.models` entry points in pyproject.toml (R2LED first);
@@ -16,8 +14,7 @@ def model_class(name: str):
     """The model class registered as ``name``; ConfigError naming the known ones otherwise."""
     if name not in MODELS:
         raise ConfigError(f"model.name: unknown model {name!r}; known: {', '.join(MODELS)}")
-    module, cls = MODELS[name].split(":")
-    return getattr(import_module(module), cls)
+    return load_model_class(MODELS[name])
 
 
 def build_model(cfg: ModelConfig, spec, sid=None):
