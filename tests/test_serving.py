@@ -9,6 +9,7 @@ import torch
 from r2led.bench.speed import FloatTensorSizes, draw_candidates, request_batch, synthetic_catalogue, synthetic_histories
 from r2led.config import load_config
 from r2led.errors import R2ledError
+from r2led.models.base import history_profile
 from r2led.models.layers import DinAttention
 from r2led.models.registry import MODELS, build_model
 from r2led.models.user_state import RequestError
@@ -161,7 +162,8 @@ def test_state_keeps_the_profile_counts_and_its_memory(cat):
     state.append(7, 5)
     assert state.items.tolist() == [5, 6, 5, 7] and state.signals.tolist() == [1, 3, 3, 5]
     assert state.counts.tolist() == [0, 1, 0, 2, 0, 1]
-    assert np.allclose(state.profile(), [0.25, 0, 0.5, 0, 0.25, np.log1p(4) / 8])
+    profile = history_profile(torch.from_numpy(state.counts).float().unsqueeze(0))[0]
+    assert np.allclose(profile, [0.25, 0, 0.5, 0, 0.25, np.log1p(4) / 8])
     before = state.nbytes()
     model.score_request(state, [1, 2])
     assert state.nbytes() > before  # the model's index is kept with the state

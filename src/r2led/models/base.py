@@ -96,9 +96,7 @@ class CtrModel(CachingModule):
         signal = batch.hist_signal  # (B, T), 0 = padding
         counts = torch.zeros(signal.shape[0], self.spec.signal_size, device=signal.device)
         counts.scatter_add_(1, signal, torch.ones_like(signal, dtype=counts.dtype))
-        length = counts[:, 1:].sum(1, keepdim=True)  # (B, 1)
-        profile = torch.cat([counts[:, 1:] / length.clamp_min(1.0), torch.log1p(length) / 8.0], dim=-1)  # (B, S)
-        return torch.cat([users, profile], dim=-1)
+        return torch.cat([users, history_profile(counts)], dim=-1)
 
     def head_input_dim(self, n_vectors: int) -> int:
         profile = self.spec.signal_size if self.cfg.history_profile else 0
@@ -144,7 +142,8 @@ class CtrModel(CachingModule):
     def _user_row(self, state: UserState) -> torch.Tensor:
         users = self.users(torch.from_numpy(state.features).unsqueeze(0))  # (1, F*d)
         if self.cfg.history_profile:
-            users = torch.cat([users, torch.from_numpy(state.profile()).unsqueeze(0)], dim=-1)
+            counts = torch.from_numpy(state.counts).float().unsqueeze(0)  # (1, S), kept by the state
+            users = torch.cat([users, history_profile(counts)], dim=-1)
         return users
 
     def request_short(self, state: UserState, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,6 +154,13 @@ class CtrModel(CachingModule):
     # ---- training -----------------------------------------------------------------------
     def loss(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(logits, batch.label)
+
+
+def history_profile(counts: torch.Tensor) -> torch.Tensor:
+    """The history profile from per-signal counts (B, S) (column 0: padding, not counted):
+    each signal value's share of the behaviours, and log(1 + T) / 8 -> (B, S)."""
+    length = counts[:, 1:].sum(1, keepdim=True)  # (B, 1)
+    return torch.cat([counts[:, 1:] / length.clamp_min(1.0), torch.log1p(length) / 8.0], dim=-1)
 
 
 def short_window(batch: Batch, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -44,7 +44,6 @@ threads: ``append`` and ``score_request`` take the state's lock. One state serve
 
 from __future__ import annotations
 
-import math
 import threading
 import weakref
 
@@ -192,12 +191,6 @@ class UserState:
             np.asarray(items).reshape(-1).tolist(), np.asarray(signals).reshape(-1).tolist(), strict=True
         ):
             self.append(item, signal)
-
-    def profile(self) -> np.ndarray:
-        """(S,) float32: the share of each signal value 1..S-1 in the history and log(1 + T) / 8
-        (``CtrModel.user_repr``'s history profile), from the kept counts: O(S)."""
-        length = float(self.counts[1:].sum())
-        return np.concatenate([self.counts[1:] / max(length, 1.0), [math.log1p(length) / 8.0]]).astype(np.float32)
 
     def kept(self, model, name: str, fn):
         """``fn()``, kept per model and ``name`` while neither the history (``version``) nor
