@@ -82,7 +82,9 @@ class UserHistories:
             return None
         with self._lock:
             cached = self._cache.get(user)
-            if cached is not None and cached.seq == seq:
+            # seq only grows, so a copy ahead of what was read is newer (an append of this
+            # process landed after the read): it is current, not a reason to reload
+            if cached is not None and cached.seq >= seq:
                 self._cache.move_to_end(user)
                 return cached
         if cached is not None and cached.seq < seq:
