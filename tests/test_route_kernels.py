@@ -65,11 +65,19 @@ def test_compiled_popcount_matches_popcount64_including_the_sign_bit():
 
 @pytest.mark.parametrize("disjoint", [True, False])
 @pytest.mark.parametrize("k,rho", [(5, 0.6), (4, 1.0), (6, 0.0), (1, 0.5)])
-def test_state_routes_equal_the_batch_path_on_random_signatures_and_tokens(disjoint, k, rho):
+@pytest.mark.parametrize(
+    "n_items,t,words,start",
+    [(60, 400, 1, 0), (1500, 4000, 1, 0), (1500, 4000, 2, 0), (1500, 4000, 1, 700), (60, 400, 2, 150)],
+)
+def test_state_routes_equal_the_batch_path_on_random_signatures_and_tokens(disjoint, k, rho, n_items, t, words, start):
+    """Many items at equal similarity (ties go to recency); 1,500 items take the long-range
+    path (vectorised similarity and cuts); two words the general one; ``start`` a window
+    whose dropped behaviours left the index."""
     rng = np.random.default_rng(k)
-    n_items, t, c = 60, 400, 25
-    sigs = torch.from_numpy(rng.integers(-(2**63), 2**63 - 1, (n_items + 1, 1)))
+    c = 25
+    sigs = torch.from_numpy(rng.integers(-(2**63), 2**63 - 1, (n_items + 1, words)))
     sigs[1::2] = sigs[0]  # many items at equal similarity to each candidate
+    sigs[2::7, 0] ^= 1  # and some one bit away
     coarse = rng.integers(0, 3, n_items + 1)
     tokens = torch.from_numpy(
         np.stack([coarse, coarse * 10 + rng.integers(0, 2, n_items + 1), np.arange(n_items + 1)], 1)
@@ -78,16 +86,19 @@ def test_state_routes_equal_the_batch_path_on_random_signatures_and_tokens(disjo
     hist = torch.from_numpy(rng.integers(1, n_items + 1, t))
     target = torch.from_numpy(rng.integers(1, n_items + 1, c))
     index = SignatureIndex(hist.numpy(), rank.numpy())
-    words = sigs.numpy().view(np.uint64)
+    for pos in range(start):  # as UserState does when the oldest leave a bounded window
+        index.drop(pos, int(hist[pos]), 1)
+    table = sigs.numpy().view(np.uint64)
     for _ in range(2):  # the stamps kept between requests must not leak into the next one
         out, n = index.routes(
-            words[target.numpy()], words, 0, span[target].numpy(), k, route_quota(k, rho), 3, disjoint
+            table[target.numpy()], table, 0, span[target].numpy(), k, route_quota(k, rho), 3, disjoint, start
         )
     got, got_taken = torch.from_numpy(out), torch.from_numpy(np.arange(k) < n[..., None])
 
-    similarity = 64 - SimHash.hamming(sigs[hist].unsqueeze(0), sigs[target].unsqueeze(1))  # (C, T)
-    keys = recency_keys(similarity, torch.ones(c, t, dtype=torch.bool))
-    match = tokens[hist].T.unsqueeze(0) == tokens[target].unsqueeze(-1)  # (C, R, T)
+    window = hist[start:]
+    similarity = 64 * words - SimHash.hamming(sigs[window].unsqueeze(0), sigs[target].unsqueeze(1))  # (C, T')
+    keys = recency_keys(similarity, torch.ones(c, len(window), dtype=torch.bool))
+    match = tokens[window].T.unsqueeze(0) == tokens[target].unsqueeze(-1)  # (C, R, T')
     want, want_taken = (disjoint_mixed_topk if disjoint else mixed_topk)(keys, match, k, rho)
     assert torch.equal(got_taken, want_taken)
     assert torch.equal(got[got_taken], want[want_taken])
@@ -129,9 +140,10 @@ def test_compiled_batch_retrieval_is_the_tensor_retrieval(overrides):
         assert not got_taken[0].any() and got_taken[1].sum() >= 2
 
 
-def test_rank_ordered_signatures_follow_appends_of_new_items():
-    """Built on a request, the signatures in rank order (and each slot's rank) are kept in
-    step by every append of a new item: the same as building them afresh."""
+def test_rank_ordered_signatures_and_counts_follow_appends_and_drops():
+    """Built on a request, the signatures in rank order, each slot's rank and each item's
+    behaviours in the window are kept in step by every append (of a new item or not) and by
+    every drop of the oldest behaviour: the same as building them afresh on the window."""
     rng = np.random.default_rng(3)
     rank = rng.permutation(40).astype(np.int64)
     table = rng.integers(0, 2**63, (40, 2)).astype(np.uint64)
@@ -140,10 +152,17 @@ def test_rank_ordered_signatures_follow_appends_of_new_items():
     grown.rank_signatures(table, 0)
     for pos, item in enumerate(hist[5:].tolist(), start=5):
         grown.append(pos, item, 1)
-    kept_sig, kept_rank = grown._rank_sig, grown._rank_of_slot
+    kept_sig, kept_rank, kept_count = grown._rank_sig, grown._rank_of_slot, grown._rank_count
     fresh = SignatureIndex(hist, rank)
-    want_sig, want_rank = fresh.rank_signatures(table, 0)
+    want_sig, want_rank, want_count = fresh.rank_signatures(table, 0)
     assert np.array_equal(kept_sig, want_sig)  # rows by rank: the same items in the same order
     assert np.array_equal(grown.slot_item.view()[grown.order], fresh.slot_item.view()[fresh.order])
     assert np.array_equal(kept_rank[grown.order], np.arange(len(grown.order)))  # the inverse of order
+    assert np.array_equal(kept_count, want_count) and kept_count.sum() == 300
     assert grown.rank_signatures(table, 0)[0] is kept_sig  # in step: not rebuilt
+    for pos in range(120):  # the 120 oldest leave the window
+        grown.drop(pos, int(hist[pos]), 1)
+    window = np.bincount(hist[120:], minlength=40)
+    items_by_rank = grown.slot_item.view()[grown.order]
+    assert np.array_equal(grown.rank_signatures(table, 0)[2], window[items_by_rank])
+    assert np.array_equal(grown.slot_count.view(), window[grown.slot_item.view()])

@@ -243,7 +243,7 @@ class Floor:
 
         target_sig, slot_sig, target, r_rows, taken, s_rows, user = self.prepare(work, i)
         m = self.model
-        sims = np.empty(len(slot_sig), np.int64)
+        sims = np.empty(len(slot_sig), np.int16)
         route_kernels.scan_similarities(target_sig, slot_sig, sims)
         with torch.inference_mode():
             routes, mass = m._serve_attention(m.route_attention, target, r_rows, taken, m.cfg.route_mass)

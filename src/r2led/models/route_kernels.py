@@ -6,10 +6,11 @@ the user's state (``user_state.SignatureIndex``) as chains: each distinct item's
 most recent first (``chain_items`` builds them in O(T); an append extends them in O(1)). A
 behaviour's key depends on it through its item (SimHash similarity to the candidate,
 SID-prefix match) and its position (recency), so each candidate works on the U distinct items:
-one popcount pass with a histogram of similarity levels, then every list a route reads is
-produced lazily in key order by a heap over the items that can contribute (``_best_chained``),
-only as deep as the routes need. Nothing of size T is touched per request (taken behaviours are
-marked in small hash sets).
+one vectorised popcount pass (``_similarities_one_word``), then for every list a route reads
+the lowest similarity level that can reach it, counting each item's behaviours in the window
+(``_range_cut``), and the list itself produced lazily in key order by a heap over the items at
+or above that level (``_best_chained``), only as deep as the routes need. Nothing of size T
+is touched per request (taken behaviours are marked in small hash sets).
 
 SIM-hard's state (``chain_keys``, ``walk_chains``): positions chained by category; a request
 walks k links per candidate.
@@ -145,97 +146,154 @@ def walk_chains(last_of, prev, keys, k, start, out, taken):
 @njit(cache=True)
 def _similarities(target_sig, c, slot_sig, levels, sim):
     """sim[s] = m - hamming(target c, slot s) for every slot: one pass over the slots'
-    contiguous signatures (the popcount pattern vectorises)."""
+    contiguous signatures."""
     for s in range(slot_sig.shape[0]):
         sim[s] = levels - 1 - _hamming(target_sig, c, slot_sig, s)
 
 
 @njit(cache=True)
-def _similarity_levels(target_sig, c, rank_sig, levels, sim, per_level, order, slot_last, start):
-    """``_similarities`` over the items in rank order (``rank_sig``: their signatures in the
-    order of ``order``), into ``sim`` by rank, and in the same pass how many items sit at each
-    level; an item whose behaviours all lie before ``start`` (out of the window) gets -1 and
-    no count. The common case (one 64-bit word, no window) has its own loop: the general one
-    (a loop over words, a window test per item) made this pass 2.7x slower (measured)."""
-    words = rank_sig.shape[1]
-    per_level[:] = 0
-    if words == 1 and start == 0:
-        t = target_sig[c, 0]
-        top = np.int64(levels - 1)
-        for j in range(rank_sig.shape[0]):
-            v = top - np.int64(_popcount(t ^ rank_sig[j, 0]))
-            sim[j] = v
-            per_level[v] += 1
-        return
+def _similarities_one_word(t, words, top, sim):
+    """sim[j] = top - popcount(t ^ words[j]) over a 1-D array of one-word signatures: a plain
+    map over contiguous memory, which LLVM vectorises (``vpopcntq`` where the CPU has it).
+    Measured on the bench's AMD EPYC: 12,317 items x 100 candidates in 0.07 ms, against
+    0.6 ms for the same pass over (U, 1) rows with the popcount in a word loop. Returns the
+    highest similarity (-1 if none)."""
+    best = np.int64(-1)
+    for j in range(words.shape[0]):
+        v = top - np.int64(_popcount(t ^ words[j]))
+        sim[j] = v
+        best = max(best, v)
+    return best
+
+
+@njit(cache=True)
+def _similarities_by_rank(target_sig, c, rank_sig, rank_words, levels, sim, order, slot_last, start):
+    """``_similarities`` over the items in rank order (``rank_sig`` (U, W): their signatures in
+    the order of ``order``; ``rank_words`` the same memory as one 1-D array) into ``sim`` by
+    rank; an item whose behaviours all lie before ``start`` (out of the window) gets -1. The
+    common case (one 64-bit word, no window) is one vectorised map. Returns the highest
+    similarity (-1 if none)."""
+    if rank_sig.shape[1] == 1 and start == 0:
+        return _similarities_one_word(target_sig[c, 0], rank_words, np.int64(levels - 1), sim)
+    best = np.int64(-1)
     for j in range(rank_sig.shape[0]):
         if slot_last[order[j]] < start:
             sim[j] = -1
-            continue
-        v = levels - 1 - _hamming(target_sig, c, rank_sig, j)
-        sim[j] = v
-        per_level[v] += 1
+        else:
+            v = levels - 1 - _hamming(target_sig, c, rank_sig, j)
+            sim[j] = v
+            best = max(best, v)
+    return best
+
+
+@njit(cache=True)
+def _count_at_least(sim, weight, lo, hi, level):
+    """The behaviours (``weight``: each item's count) of the items in sim[lo:hi] at or above
+    ``level`` (a masked sum LLVM vectorises)."""
+    n = 0
+    for j in range(lo, hi):
+        if sim[j] >= level:
+            n += weight[j]
+    return n
+
+
+@njit(cache=True)
+def _range_cut(sim, weight, lo, hi, need, top, per_level):
+    """``_cut`` of the similarity levels of the items in sim[lo:hi] (-1: not counted), each
+    counting its behaviours in the window (``weight``): the highest level with at least
+    ``need`` behaviours at or above it (0 if none). Counting behaviours rather than items
+    keeps the heap small at long T, where the best item alone often holds the whole list.
+
+    ``top`` (at least the range's highest similarity) is tried first with one vectorised
+    count: it settles the cut whenever the best level alone holds ``need`` (for over half
+    of the overall lists at T = 10^6 in the speed benchmark, 500 measured: a candidate the
+    user has interacted with many times). Otherwise one histogram pass (``per_level``
+    scratch): measured on 12,600 items, a count pass takes 1.0 us, a histogram pass 4.1 us,
+    and a binary search over the levels needs about 7 counts."""
+    if hi - lo > 256 and top > 0 and _count_at_least(sim, weight, lo, hi, top) >= need:
+        return top
+    per_level[:] = 0
+    for j in range(lo, hi):
+        v = sim[j]
+        if v >= 0:
+            per_level[v] += weight[j]
+    return _cut(per_level, need)
+
+
+@njit(cache=True)
+def _picked_cut(sim, weight, pick, lo, hi, need, per_level):
+    """``_range_cut`` of the items at ranks pick[lo:hi]."""
+    per_level[:] = 0
+    for i in range(lo, hi):
+        j = pick[i]
+        v = sim[j]
+        if v >= 0:
+            per_level[v] += weight[j]
+    return _cut(per_level, need)
 
 
 @njit(cache=True)
 def scan_similarities(target_sig, slot_sig, sim):
     """One pass of every candidate over every distinct item: the popcount similarities, and
-    nothing else (the speed benchmark's floor). sim (U,) scratch; returns the best per
-    candidate summed, so the work cannot be optimised away."""
+    nothing else (the speed benchmark's floor), by the same functions as ``state_routes``.
+    sim (U,) scratch; returns the best per candidate summed, so the work cannot be optimised
+    away."""
     levels = 64 * target_sig.shape[1] + 1
+    words = slot_sig.reshape(-1)
     total = 0
     for c in range(target_sig.shape[0]):
-        _similarities(target_sig, c, slot_sig, levels, sim)
+        if slot_sig.shape[1] == 1:
+            _similarities_one_word(target_sig[c, 0], words, np.int64(levels - 1), sim)
+        else:
+            _similarities(target_sig, c, slot_sig, levels, sim)
         best = 0
         for s in range(sim.shape[0]):
-            if sim[s] > best:
-                best = sim[s]
+            best = max(best, sim[s])
         total += best
     return total
 
 
 @njit(cache=True)
-def _best_chained(
-    sim, pick, lo, hi, order, need, length, start, slot_last, prev, groups, per_level, counted, heap, out
-):  # fmt: skip
+def _best_chained(sim, pick, lo, hi, order, need, cut, length, start, slot_last, prev, groups, heap, out):
     """The ``need`` best-keyed behaviours of the items at ranks pick[lo:hi] (``pick`` empty:
     the ranks lo..hi-1 themselves, e.g. a SID-prefix run), key = sim * length + position (as
     ``retrieval.recency_keys``), best first, into ``out``; returns how many. ``sim`` is by rank;
     ``order`` maps a rank to the item's slot.
 
-    Only the ``need`` best items by their most recent behaviour can hold one of them, and they
-    lie at the ``need`` highest similarity levels that have items: a histogram over levels
-    finds the cut (``per_level``: items per similarity, already ``counted`` or not); a heap over
-    the items above it merges their positions in key order. An item's positions, most recent
-    first: along the chain (``prev``) while they are later than ``groups``' build, then its
-    group (``grouped[group_off[s]:group_off[s+1]]``, consecutive) from there.
+    Every behaviour of an item shares its similarity, so the ``need`` best lie at the highest
+    similarity levels holding ``need`` behaviours: ``cut`` (>= 0, from
+    ``_range_cut`` / ``_picked_cut``) is the lowest of those levels; a heap over the items at or
+    above it merges their positions in key order. A run of ranks is scanned for the items in
+    blocks of 64 whose maximum (a vectorised reduction) skips the blocks with none. An item's
+    positions, most recent first: along the chain (``prev``) while they are later than
+    ``groups``' build, then its group (``grouped[group_off[s]:group_off[s+1]]``, consecutive)
+    from there.
     """
     if need <= 0 or lo >= hi:
         return 0
     grouped, group_off, built = groups
     heap_key, heap_rank, heap_pos, heap_cur = heap
     direct = pick.shape[0] == 0
-    if not counted:
-        per_level[:] = 0
-        if direct:  # a run of ranks: one sequential pass
-            for j in range(lo, hi):
-                v = sim[j]
-                if v >= 0:  # -1: out of the window
-                    per_level[v] += 1
-        else:
-            for i in range(lo, hi):
-                v = sim[pick[i]]
-                if v >= 0:
-                    per_level[v] += 1
-    cut = _cut(per_level, need)  # >= 0, so an item out of the window (-1) is never taken
     size = 0
-    for i in range(lo, hi):
-        j = i if direct else pick[i]
-        if sim[j] >= cut:
-            s = order[j]
-            p = slot_last[s]
-            heap_key[size], heap_rank[size], heap_pos[size] = sim[j] * length + p, j, p
-            heap_cur[size] = group_off[s] if p < built else -1  # -1: on the chain
-            size += 1
+    block = lo
+    while block < hi:
+        end = min(block + 64, hi) if direct else hi
+        if direct:
+            top = -1
+            for j in range(block, end):
+                top = max(top, sim[j])
+            if top < cut:
+                block = end
+                continue
+        for i in range(block, end):
+            j = i if direct else pick[i]
+            if sim[j] >= cut:
+                s = order[j]
+                p = slot_last[s]
+                heap_key[size], heap_rank[size], heap_pos[size] = sim[j] * length + p, j, p
+                heap_cur[size] = group_off[s] if p < built else -1  # -1: on the chain
+                size += 1
+        block = end
     for at in range(size // 2 - 1, -1, -1):
         _sift_down4(heap_key, heap_rank, heap_pos, heap_cur, size, at)
     n = 0
@@ -264,8 +322,8 @@ def _best_chained(
 
 @njit(cache=True)
 def state_routes(
-    target_sig, rank_sig, order, rank_of_slot, slot_last, prev, groups, length, start, lo, hi, k, quota, disjoint,
-    band_slots, band_lo, band_hi, out, taken, scratch,
+    target_sig, rank_sig, order, rank_of_slot, rank_count, slot_last, prev, groups, length, start, lo, hi, k, quota,
+    disjoint, band_slots, band_lo, band_hi, out, taken, scratch,
 ):  # fmt: skip
     """Every candidate's routes against one user's history kept as chains (``chain_items``):
     positions (C, R, k) into the history (0 where not taken) into ``out`` (zeroed), and the
@@ -273,7 +331,7 @@ def state_routes(
 
     target_sig (C, W) uint64 SimHash signatures of the candidates, rank_sig (U, W) of the
     history's distinct items in rank order; order (U,) the slots by SID-prefix rank (rank_of_slot
-    its inverse), lo, hi (C, R)
+    its inverse), rank_count (U,) each item's behaviours in the window, by rank; lo, hi (C, R)
     each candidate's run of matching items in ``order`` at each route, coarsest route first
     (lo = hi: no semantic view); slot_last, prev: the chains; groups (grouped, group_off,
     built): the positions before ``built`` grouped by slot (``group_positions``); length: the
@@ -293,7 +351,8 @@ def state_routes(
     small hash sets (``_PositionSet``), not in arrays of size T: random access into T-sized
     stamps missed the cache at long T (measured: most of the kernel's time at T = 10^6).
     ``scratch``:
-    ``state_scratch``. Per candidate: one popcount pass over the U items, then heaps.
+    ``state_scratch``. Per candidate: one popcount pass over the U items (vectorised), the
+    cuts by vectorised counts, then heaps.
     """
     c_n = target_sig.shape[0]
     u_n = order.shape[0]
@@ -307,28 +366,32 @@ def state_routes(
     used[:] = -1
     chosen[:] = -1
     stamp[:] = -1
+    rank_words = rank_sig.reshape(-1)  # (U W,): one word per item in the common case
     for c in range(c_n):
         if banded:
             n_near = _near_items(
                 target_sig, c, rank_sig, levels, sim, order, rank_of_slot, lo, hi, quota, band_slots, band_lo,
                 band_hi, slot_last, start, near, stamp,
             )  # fmt: skip
+            top = levels - 1  # an upper bound for the runs' cuts
+            cut = _picked_cut(sim, rank_count, near, 0, n_near, n_best, per_level)
             n_g = _best_chained(
-                sim, near, 0, n_near, order, n_best, length, start, slot_last, prev, groups, per_level, False, heap,
-                best,
+                sim, near, 0, n_near, order, n_best, cut, length, start, slot_last, prev, groups, heap, best
             )  # fmt: skip
         else:
-            _similarity_levels(target_sig, c, rank_sig, levels, sim, per_level, order, slot_last, start)
+            top = _similarities_by_rank(target_sig, c, rank_sig, rank_words, levels, sim, order, slot_last, start)
+            cut = _range_cut(sim, rank_count, 0, u_n, n_best, top, per_level)
             n_g = _best_chained(
-                sim, every, 0, u_n, order, n_best, length, start, slot_last, prev, groups, per_level, True, heap, best
+                sim, every, 0, u_n, order, n_best, cut, length, start, slot_last, prev, groups, heap, best
             )  # fmt: skip
         for r in range(routes - 1, -1, -1):
             n_m = 0
             if quota > 0 and lo[c, r] < hi[c, r]:
                 depth = quota + (routes - 1 - r) * k if disjoint else quota
+                cut = _range_cut(sim, rank_count, lo[c, r], hi[c, r], depth, top, per_level)
                 n_m = _best_chained(
-                    sim, every, lo[c, r], hi[c, r], order, depth, length, start, slot_last, prev, groups, per_level,
-                    False, heap, matched,
+                    sim, every, lo[c, r], hi[c, r], order, depth, cut, length, start, slot_last, prev, groups, heap,
+                    matched,
                 )  # fmt: skip
             taken[c, r] = _take_route_sets(matched, n_m, best, n_g, k, quota, disjoint, used, chosen, out[c, r])
             _unset(chosen, out[c, r], taken[c, r])  # emptied for the next route
@@ -421,11 +484,15 @@ def state_scratch(distinct: int, k: int, quota: int, routes: int, words: int) ->
     matched (quota + (R-1) k), per level (64 W + 1), the two position sets (a power of two,
     at least 4x what they hold), and with bands the items scored and their stamps (U each).
     Nothing of size T."""
-    ints = [distinct, distinct, distinct, distinct, distinct, routes * k, quota + (routes - 1) * k, 64 * words + 1]
+    heap = [np.empty(max(distinct, 1), np.int64) for _ in range(4)]
+    sim = np.empty(max(distinct, 1), np.int16)  # levels 0..m <= 4096, and -1; int16 packs 32 to a vector
+    lists = [np.empty(max(n, 1), np.int64) for n in (routes * k, quota + (routes - 1) * k, 64 * words + 1)]
     size = 1 << max(4, int(4 * (routes * k + quota)).bit_length())
     sets = (np.empty(size, np.int64), np.empty(size, np.int64))
     return (
-        *(np.empty(max(n, 1), np.int64) for n in ints),
+        *heap,
+        sim,
+        *lists,
         *sets,
         np.empty(max(distinct, 1), np.int64),
         np.empty(max(distinct, 1), np.int64),

@@ -247,10 +247,11 @@ def check_candidates(candidates, n_items: int) -> torch.Tensor:
 class SignatureIndex(RequestIndex):
     """A history indexed by distinct item (R2LED, ETA): each item's positions as a chain, most
     recent first (``route_kernels.chain_items``), the items in SID-prefix rank order (``rank``;
-    none: order of first appearance) and their packed SimHash signatures.
+    none: order of first appearance), their packed SimHash signatures and how many behaviours
+    each has in the window (``slot_count``: the retrieval's cuts count behaviours, not items).
 
     Append: O(1) amortised; an item new to the user is also inserted into the rank order (a
-    memmove of U slots). Signatures are copied from the model's per-item table, per slot,
+    memmove of U slots). Drop (the oldest left a bounded window): O(1). Signatures are copied from the model's per-item table, per slot,
     when the model's ``cache_generation`` changed (O(U)) or for new slots.
     """
 
@@ -267,6 +268,7 @@ class SignatureIndex(RequestIndex):
         route_kernels.group_positions(items, slot_of, slot_item, u, self.group_off, self.grouped, np.empty(u, np.int64))
         self.rank = rank  # (N+1,) or None
         self.slot_item, self.slot_last, self.prev = Growable(slot_item[:u]), Growable(slot_last[:u]), Growable(prev)
+        self.slot_count = Growable(np.diff(self.group_off))  # each slot's behaviours in the window
         self._slot_of: dict[int, int] | None = None  # item -> slot, built on the first append
         if rank is not None:
             self.order = np.argsort(rank[slot_item[:u]], kind="stable")  # (U,) slots by rank
@@ -281,6 +283,7 @@ class SignatureIndex(RequestIndex):
         # for the (generation, U) in _rank_key; kept in step by ``append`` once built.
         self._rank_sig: np.ndarray | None = None
         self._rank_of_slot: np.ndarray | None = None
+        self._rank_count: np.ndarray | None = None  # slot_count in rank order
         self._rank_key: tuple[int, int] | None = None
         self._table: np.ndarray | None = None  # the model's (N+1, W) signatures of that generation
 
@@ -302,13 +305,29 @@ class SignatureIndex(RequestIndex):
             else:
                 at = len(self.order)
                 self.order = np.append(self.order, s)
+            self.slot_count.append(0)
             if self._rank_key is not None and self._rank_key[1] == s:  # keep the rank-ordered signatures
                 self._rank_sig = np.insert(self._rank_sig, at, self._table[item], axis=0)
+                self._rank_count = np.insert(self._rank_count, at, 0)
                 self._rank_of_slot[self._rank_of_slot >= at] += 1
                 self._rank_of_slot = np.append(self._rank_of_slot, at)
                 self._rank_key = (self._rank_key[0], s + 1)
         self.prev.append(self.slot_last.data[s])
         self.slot_last.data[s] = pos
+        self._count(s, 1)
+
+    def drop(self, pos: int, item: int, signal: int) -> None:
+        """The oldest behaviour left the window: its item counts one behaviour fewer there."""
+        if self._slot_of is None:
+            self._slot_of = {int(v): s for s, v in enumerate(self.slot_item.view().tolist())}
+        self._count(self._slot_of[item], -1)
+
+    def _count(self, s: int, delta: int) -> None:
+        """Slot ``s`` gained (1) or lost (-1) a behaviour in the window; the rank-ordered
+        counts follow when they are in step with the slots (else they are rebuilt on use)."""
+        self.slot_count.data[s] += delta
+        if self._rank_key is not None and self._rank_key[1] == len(self.slot_item):
+            self._rank_count[self._rank_of_slot[s]] += delta
 
     def signatures(self, table: np.ndarray, generation: int) -> np.ndarray:
         """(U, W) the slots' signatures from ``table`` (N+1, W), refreshed if stale."""
@@ -319,17 +338,19 @@ class SignatureIndex(RequestIndex):
             self.slot_sig.append(table[items[s]])
         return self.slot_sig.view()
 
-    def rank_signatures(self, table: np.ndarray, generation: int) -> tuple[np.ndarray, np.ndarray]:
-        """(U, W) the items' signatures in rank order (``order``) and (U,) each slot's rank,
-        rebuilt if stale (O(U)); ``append`` keeps them in step afterwards."""
+    def rank_signatures(self, table: np.ndarray, generation: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(U, W) the items' signatures in rank order (``order``), (U,) each slot's rank and
+        (U,) each item's behaviours in the window by rank, rebuilt if stale (O(U)); ``append``
+        and ``drop`` keep them in step afterwards."""
         slot_sig = self.signatures(table, generation)
         u = len(slot_sig)
         if self._rank_key != (generation, u):
             self._rank_sig = np.ascontiguousarray(slot_sig[self.order])
             self._rank_of_slot = np.empty(u, np.int64)
             self._rank_of_slot[self.order] = np.arange(u)
+            self._rank_count = self.slot_count.view()[self.order]
             self._rank_key, self._table = (generation, u), table
-        return self._rank_sig, self._rank_of_slot
+        return self._rank_sig, self._rank_of_slot, self._rank_count
 
     def routes(
         self,
@@ -355,7 +376,7 @@ class SignatureIndex(RequestIndex):
 
         c = len(target_sig)
         slot_sig = self.signatures(table, generation)
-        rank_sig, rank_of_slot = self.rank_signatures(table, generation)
+        rank_sig, rank_of_slot, rank_count = self.rank_signatures(table, generation)
         if bands:
             lsh = self.signature_bands(slot_sig, bands, generation)
             band_lo, band_hi = lsh.queries(target_sig)  # (C, bands)
@@ -371,7 +392,7 @@ class SignatureIndex(RequestIndex):
         out, n = np.zeros((c, n_routes, k), np.int64), np.empty((c, n_routes), np.int64)
         scratch = route_kernels.state_scratch(len(self.order), k, quota, n_routes, target_sig.shape[1])
         route_kernels.state_routes(
-            target_sig, rank_sig, self.order, rank_of_slot, self.slot_last.view(), self.prev.view(),
+            target_sig, rank_sig, self.order, rank_of_slot, rank_count, self.slot_last.view(), self.prev.view(),
             (self.grouped, self.group_off, self.built), len(self.prev), start, lo, hi, k, quota, disjoint, band_slots,
             band_lo, band_hi, out, n, scratch,
         )  # fmt: skip
@@ -394,12 +415,13 @@ class SignatureIndex(RequestIndex):
         return lsh
 
     def nbytes(self) -> int:
-        arrays = [self.slot_item.data, self.slot_last.data, self.prev.data, self.order, self.grouped, self.group_off]
+        arrays = [self.slot_item.data, self.slot_last.data, self.slot_count.data, self.prev.data, self.order]
+        arrays += [self.grouped, self.group_off]
         if self.slot_sig is not None:
             arrays.append(self.slot_sig.data)
         lsh = self._bands.nbytes() if self._bands is not None else 0
         if self._rank_sig is not None:
-            lsh += self._rank_sig.nbytes + self._rank_of_slot.nbytes
+            lsh += self._rank_sig.nbytes + self._rank_of_slot.nbytes + self._rank_count.nbytes
         return sum(a.nbytes for a in arrays) + (self.order_rank.nbytes if self.order_rank is not None else 0) + lsh
 
 
