@@ -251,8 +251,9 @@ class SignatureIndex(RequestIndex):
     each has in the window (``slot_count``: the retrieval's cuts count behaviours, not items).
 
     Append: O(1) amortised; an item new to the user is also inserted into the rank order (a
-    memmove of U slots). Drop (the oldest left a bounded window): O(1). Signatures are copied from the model's per-item table, per slot,
-    when the model's ``cache_generation`` changed (O(U)) or for new slots.
+    memmove of U slots). Drop (the oldest left a bounded window): O(1). Signatures are copied
+    from the model's per-item table, per slot, when the model's ``cache_generation`` changed
+    (O(U)) or for new slots.
     """
 
     def __init__(self, items: np.ndarray, rank: np.ndarray | None):
