@@ -60,7 +60,7 @@ def test_tiny_run_writes_every_figure_per_model_mode_and_length(tiny_run):
     assert "strawman is timed up to T=50" in saved["results"]["sim-hard (batch path)"]["200"]["skipped"]
     assert "din (batch path)" not in saved["results"]
     assert saved["results"]["floor"]["200"]["mode"] == "floor" and saved["results"]["floor"]["200"]["cpu_ms_p50"] > 0
-    assert saved["machine"]["torch_threads"] == 2 and saved["machine"]["cpu"]
+    assert saved["machine"]["torch_threads"] == 1 and saved["machine"]["cpu"]
     assert (
         saved["results"]["floor[mha]"]["200"]["mode"] == "floor"
         and saved["results"]["r2led[mha]"]["200"]["cpu_ms_p50"] > 0
@@ -70,6 +70,7 @@ def test_tiny_run_writes_every_figure_per_model_mode_and_length(tiny_run):
     recall = saved["collaborative_recall"]["r2led[lsh]"]
     assert recall["bands"] == 8 and all(0 < r <= 1 for r in recall["recall"].values())
     assert saved["command"].startswith("r2led bench speed --lengths 50,200 --models r2led,r2led[mha],r2led[lsh],din")
+    assert saved["command"].endswith("--threads 1")  # as `r2led serve` runs each worker
     assert "checks" not in saved  # a report grades nothing
 
 
@@ -84,10 +85,11 @@ def test_markdown_gives_ratios_and_the_headline_without_verdicts(tiny_run):
         head = next(line for line in md.splitlines() if line.startswith(f"| 200 | {name} |"))
         ratio = res[name]["200"]["cpu_ms_p50"] / res["sim-hard"]["200"]["cpu_ms_p50"]
         floor = res[name]["200"]["cpu_ms_p50"] / res[floor_name]["200"]["cpu_ms_p50"]
-        assert f"| {ratio:.2f}x |" in head and f"| {floor:.2f}x |" in head
+        floor_vs = res[floor_name]["200"]["cpu_ms_p50"] / res["sim-hard"]["200"]["cpu_ms_p50"]
+        assert f"| {ratio:.2f}x |" in head and f"| {floor:.2f}x | {floor_vs:.2f}x |" in head
         train = res[name]["50"]["train_samples_per_s"] / res["sim-hard"]["50"]["train_samples_per_s"]
         assert f"{train:.2f}x |" in next(line for line in md.splitlines() if line.startswith(f"| 50 | {name} |"))
-    assert "Targets" not in md and "**no**" not in md and "torch threads 2" in md and report["date"] in md
+    assert "Targets" not in md and "**no**" not in md and "torch threads 1" in md and report["date"] in md
     assert "(batch path)" in md and "**cold**" in md
     terminal = io.StringIO()
     print_summary(report, Console(file=terminal, width=200))

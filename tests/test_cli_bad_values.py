@@ -132,6 +132,7 @@ CASES = [
     (["bench", "speed", "--out", "{tmp}/b", "--lengths", "100", "--repeats", "0"], "repeats"),
     (["bench", "speed", "--out", "{tmp}/b", "--lengths", "100", "--items", "0"], "items"),
     (["bench", "speed", "--out", "{tmp}/b", "--lengths", "100", "--models", "bogus"], "bogus"),
+    (["bench", "speed", "--out", "{tmp}/b", "--lengths", "100", "--threads", "0"], "--threads"),
     (["bench", "diagnose", "{tmp}/nothing", "--out", "{tmp}/d"], "nothing"),
     (["bench", "diagnose", "{run}", "--out", "{tmp}/d", "--every", "0"], "--every"),
     # export / serve / models

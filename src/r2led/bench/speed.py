@@ -108,7 +108,7 @@ def run_speed(
     *,
     warmup: int = 2,
     train_steps: int = 3,
-    threads: int = 2,
+    threads: int = 1,
     memory_limit_gb: float = 8.0,
     time_limit_s: float = 10.0,
     strawman: Sequence[str] = STRAWMAN,
@@ -151,7 +151,7 @@ def run_speed(
         "lengths": lengths, "models": models, "candidates": candidates, "repeats": repeats, "warmup": warmup,
         "train_batch": train_batch, "train_steps": train_steps, "items": items, "seed": seed,
         "memory_limit_gb": memory_limit_gb, "time_limit_s": time_limit_s, "sid_codebooks": list(BRANCHING),
-        "strawman": strawman, "strawman_max_t": strawman_max_t,
+        "strawman": strawman, "strawman_max_t": strawman_max_t, "threads": threads,
         "model_configs": {m: bench_model_config(m).model_dump() for m in models},
     }  # fmt: skip
     report["machine"] = machine_info(threads, load_before)

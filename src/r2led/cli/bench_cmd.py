@@ -109,6 +109,9 @@ def speed(
     seed: int = typer.Option(0),
     strawman: str = typer.Option("r2led,sim-hard,eta", help="models also timed through their batch path (empty: none)"),
     strawman_max_t: int = typer.Option(100_000, help="longest history the batch-path strawman is timed at"),
+    threads: int = typer.Option(
+        1, min=1, max=1024, help="torch intra-op threads (1: as `r2led serve` runs each worker, serve.threads)"
+    ),
 ) -> None:
     """Serving cost (warm and cold user state, the batch-path strawman, the floor), training
     throughput and memory against history length, as ratios."""
@@ -117,6 +120,7 @@ def speed(
     run_speed(
         _ints(lengths, "--lengths"), _csv(models) or default_models(), out, candidates=candidates, repeats=repeats,
         train_batch=train_batch, items=items, seed=seed, strawman=_csv(strawman), strawman_max_t=strawman_max_t,
+        threads=threads,
     )  # fmt: skip
 
 
