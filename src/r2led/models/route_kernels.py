@@ -263,11 +263,9 @@ def _best_chained(sim, pick, lo, hi, order, need, cut, length, start, slot_last,
     Every behaviour of an item shares its similarity, so the ``need`` best lie at the highest
     similarity levels holding ``need`` behaviours: ``cut`` (>= 0, from
     ``_range_cut`` / ``_picked_cut``) is the lowest of those levels; a heap over the items at or
-    above it merges their positions in key order. A run of ranks is scanned for the items in
-    blocks of 64 whose maximum (a vectorised reduction) skips the blocks with none. An item's
-    positions, most recent first: along the chain (``prev``) while they are later than
-    ``groups``' build, then its group (``grouped[group_off[s]:group_off[s+1]]``, consecutive)
-    from there.
+    above it merges their positions in key order. An item's positions, most recent first:
+    along the chain (``prev``) while they are later than ``groups``' build, then its group
+    (``grouped[group_off[s]:group_off[s+1]]``, consecutive) from there.
     """
     if need <= 0 or lo >= hi:
         return 0
@@ -275,25 +273,16 @@ def _best_chained(sim, pick, lo, hi, order, need, cut, length, start, slot_last,
     heap_key, heap_rank, heap_pos, heap_cur = heap
     direct = pick.shape[0] == 0
     size = 0
-    block = lo
-    while block < hi:
-        end = min(block + 64, hi) if direct else hi
-        if direct:
-            top = -1
-            for j in range(block, end):
-                top = max(top, sim[j])
-            if top < cut:
-                block = end
-                continue
-        for i in range(block, end):
-            j = i if direct else pick[i]
-            if sim[j] >= cut:
-                s = order[j]
-                p = slot_last[s]
-                heap_key[size], heap_rank[size], heap_pos[size] = sim[j] * length + p, j, p
-                heap_cur[size] = group_off[s] if p < built else -1  # -1: on the chain
-                size += 1
-        block = end
+    # A plain scan: its rarely taken branch predicts well (measured on 12,600 items: 1.7 us,
+    # against 3.3 us skipping blocks of 64 by their maximum, which numba does not vectorise).
+    for i in range(lo, hi):
+        j = i if direct else pick[i]
+        if sim[j] >= cut:
+            s = order[j]
+            p = slot_last[s]
+            heap_key[size], heap_rank[size], heap_pos[size] = sim[j] * length + p, j, p
+            heap_cur[size] = group_off[s] if p < built else -1  # -1: on the chain
+            size += 1
     for at in range(size // 2 - 1, -1, -1):
         _sift_down4(heap_key, heap_rank, heap_pos, heap_cur, size, at)
     n = 0
