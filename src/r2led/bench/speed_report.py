@@ -390,7 +390,9 @@ def latency_plot(report: dict, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, ncol=2)
-    fig.text(0.01, 0.0, f"{m['cpu']}, torch {m['torch']}, {m['torch_threads']} threads; {report['date']}", fontsize=7)
+    fig.text(
+        0.01, 0.0, f"{m['cpu']}, torch {m['torch']}, torch threads {m['torch_threads']}; {report['date']}", fontsize=7
+    )
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=110)
     tmp.replace(path)
