@@ -70,7 +70,7 @@ def test_tiny_run_writes_every_figure_per_model_mode_and_length(tiny_run):
     recall = saved["collaborative_recall"]["r2led[lsh]"]
     assert recall["bands"] == 8 and all(0 < r <= 1 for r in recall["recall"].values())
     assert saved["command"].startswith("r2led bench speed --lengths 50,200 --models r2led,r2led[mha],r2led[lsh],din")
-    assert saved["command"].endswith("--threads 1")  # as `r2led serve` runs each worker
+    assert saved["command"].endswith("--threads 1")  # the default: one core per request
     assert "checks" not in saved  # a report grades nothing
 
 

@@ -110,7 +110,10 @@ def speed(
     strawman: str = typer.Option("r2led,sim-hard,eta", help="models also timed through their batch path (empty: none)"),
     strawman_max_t: int = typer.Option(100_000, help="longest history the batch-path strawman is timed at"),
     threads: int = typer.Option(
-        1, min=1, max=1024, help="torch intra-op threads (1: as `r2led serve` runs each worker, serve.threads)"
+        1,
+        min=1,
+        max=1024,
+        help="torch intra-op threads (1: each request on one core, as `r2led serve` runs with one worker per core)",
     ),
 ) -> None:
     """Serving cost (warm and cold user state, the batch-path strawman, the floor), training
