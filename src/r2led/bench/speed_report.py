@@ -324,10 +324,9 @@ def speed_markdown(report: dict) -> str:
         f"- The machine was shared with other work (load averages above, for {m['cores_usable']} usable cores). "
         "Every figure comes from one process with interleaved rounds, so load hits all contenders alike; CPU time "
         "is less sensitive to it than wall time, but single figures move by 10-30 % between runs. Compare ratios.",
-        f"- CPU time is measured at {m['torch_threads']} torch intra-op thread(s) (`--threads`; `r2led serve` gives "
-        "each worker cores / workers, so 1 with one worker per core). More threads add wake-ups to every small "
-        "operation, which costs the models made of small operations (SIM-hard, ETA) relatively more: the ratios "
-        "change with the thread count.",
+        f"- CPU time is measured at {m['torch_threads']} torch intra-op thread(s) (`--threads`; `r2led serve` runs 1 "
+        "per worker by default). More threads add wake-ups to every small operation, which costs the models made "
+        "of small operations (SIM-hard, ETA) relatively more: the ratios change with the thread count.",
         "- R2LED with DIN's activation unit runs an MLP per (candidate, behaviour) pair over its 60 route slots and "
         "the 20-behaviour short window; that costs more than the dot-product attention SIM-hard, ETA and TWIN run "
         "over their 60 + 20, and at short histories it is most of a request: the floor alone (no retrieval logic, "

@@ -113,7 +113,7 @@ def speed(
         1,
         min=1,
         max=1024,
-        help="torch intra-op threads (1: each request on one core, as `r2led serve` runs with one worker per core)",
+        help="torch intra-op threads (1: as `r2led serve` runs each worker by default)",
     ),
 ) -> None:
     """Serving cost (warm and cold user state, the batch-path strawman, the floor), training

@@ -40,7 +40,11 @@ def serve(
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port"),
     workers: int = typer.Option(1, "--workers", min=1, max=64, help="worker processes sharing the store"),
     threads: int = typer.Option(
-        0, "--threads", min=0, max=256, help="torch threads per worker (0: CPU cores / workers)"
+        1,
+        "--threads",
+        min=0,
+        max=256,
+        help="torch threads per worker (0: CPU cores / workers); scale with --workers instead: docs/serving.md",
     ),
     preload: Path | None = typer.Option(
         None,
