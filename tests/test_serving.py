@@ -70,8 +70,15 @@ def test_every_models_request_path_gives_the_batch_paths_logits(cat, name, t, pa
 SWITCHES = [
     {}, {"disjoint_routes": "off"}, {"route_mass": "off"}, {"attention": "mha"}, {"gate": "off"}, {"sid_refine": "off"},
     {"sid": "off"}, {"rho": 0}, {"rho": 1}, {"routes": 1}, {"route_fusion": "mean"}, {"short_len": 0}, {"k": 3},
-    {"hash_bits": 128}, {"history_profile": "off"},
+    {"hash_bits": 128}, {"history_profile": "off"}, {"unit": "[16]"}, {"unit": "[24,8,4]"},
 ]  # fmt: skip
+
+
+def test_the_unit_setting_sizes_both_din_encoders(cat):
+    model = make(cat, unit="[24,8]")
+    for encoder in (model.route_attention, model.short_attention):
+        widths = [(m.in_features, m.out_features) for m in encoder.unit if isinstance(m, torch.nn.Linear)]
+        assert widths == [(4 * 32, 24), (24, 8), (8, 1)]
 
 
 @pytest.mark.parametrize("overrides", SWITCHES)

@@ -20,11 +20,14 @@ from r2led.models.user_state import UserState
 from r2led.sid.table import SidTable
 
 REFERENCE = "r2led"  # the model every figure is compared with (ratios to it in the reports)
-# R2LED with each per-route encoder, whatever the default ("r2led" is the default config), and
+# R2LED with each per-route encoder, whatever the default ("r2led" is the default config), with
+# smaller DIN units (``model.unit``; their ml-1m accuracy: docs/results/encoder_ml1m.md), and
 # with the approximate collaborative index (``R2LED.collaborative_bands``, a serving switch).
 VARIANTS = {
     "r2led[din]": ("r2led", {"attention": "din"}),
     "r2led[mha]": ("r2led", {"attention": "mha"}),
+    "r2led[unit32x16]": ("r2led", {"attention": "din", "unit": [32, 16]}),
+    "r2led[unit16]": ("r2led", {"attention": "din", "unit": [16]}),
     "r2led[lsh]": ("r2led", {}),
 }
 SERVING_SWITCHES = {"r2led[lsh]": {"collaborative_bands": 8}}  # set on the built model

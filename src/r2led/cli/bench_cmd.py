@@ -98,7 +98,8 @@ def speed(
     lengths: str = typer.Option("100,1000,10000,100000,1000000", help="history lengths T"),
     models: str = typer.Option(
         "",
-        help="comma-separated model names or R2LED variants r2led[din], r2led[mha], r2led[lsh] "
+        help="comma-separated model names or R2LED variants r2led[din], r2led[mha], r2led[unit32x16], "
+        "r2led[unit16], r2led[lsh] "
         "(default: every model, R2LED's two encoders and its approximate index)",
     ),
     out: Path = typer.Option(..., "--out", help="results folder"),

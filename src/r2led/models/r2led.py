@@ -16,7 +16,7 @@ generated from ``R2ledConfig`` by ``r2led docs settings``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -73,6 +73,12 @@ class R2ledConfig(ModelConfig):
     sid: bool = Field(True, description="off: no SIDs anywhere (one collaborative route of R*k, ETA-like)")
     attention: Literal["mha", "din"] = Field(
         "din", description="per-route encoder: multi-head dot-product target attention, or DIN's activation unit"
+    )
+    unit: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default_factory=lambda: [64, 32],
+        min_length=1,
+        max_length=4,
+        description="hidden sizes of DIN's activation unit (attention=din), in the route and short encoders",
     )
 
 
@@ -141,7 +147,8 @@ class R2LED(CtrModel):
             self.register_buffer("route_rank", rank, persistent=False)
             self.register_buffer("route_span", span, persistent=False)
         self.gate = SidGate(d, levels, enabled=cfg.gate) if self.use_sid and cfg.sid_refine else None
-        encoder = (lambda: TargetAttention(d, cfg.heads)) if cfg.attention == "mha" else (lambda: DinAttention(d))
+        unit = tuple(cfg.unit)
+        encoder = (lambda: TargetAttention(d, cfg.heads)) if cfg.attention == "mha" else (lambda: DinAttention(d, unit))
         self.route_attention = encoder()
         self.short_attention = encoder()
         self.route_fusion = RouteFusion(d, cfg.route_fusion)
