@@ -261,3 +261,15 @@ def test_a_bug_keeps_its_traceback(tiny_store, monkeypatch):
     monkeypatch.setattr(data_cmd, "print_manifest", broken)
     res = invoke("data", "info", tiny_store.root)
     assert res.exit_code == 1 and isinstance(res.exception, KeyError)
+
+
+def test_comma_lists_keep_commas_inside_brackets():
+    from r2led.cli.bench_cmd import _csv
+
+    assert _csv("r2led, r2led:unit=[32,16]+k=30,sim-hard,r2led[mha]") == [
+        "r2led",
+        "r2led:unit=[32,16]+k=30",
+        "sim-hard",
+        "r2led[mha]",
+    ]
+    assert _csv("100,1000,") == ["100", "1000"] and _csv("") == []

@@ -10,7 +10,19 @@ bench_app = typer.Typer(no_args_is_help=True)
 
 
 def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+    """Comma-separated items; a comma inside brackets belongs to its item, so a variant can hold
+    a list: ``"r2led,r2led:unit=[32,16]"`` -> ["r2led", "r2led:unit=[32,16]"]."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(value):
+        if ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth = max(0, depth - 1)
+        elif ch == "," and depth == 0:
+            items.append(value[start:i])
+            start = i + 1
+    items.append(value[start:])
+    return [v.strip() for v in items if v.strip()]
 
 
 def _ints(value: str, option: str) -> list[int]:
