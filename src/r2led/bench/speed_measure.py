@@ -223,9 +223,9 @@ class Floor:
                 items, _ = m.serving_tables()
                 hist, sig = torch.from_numpy(state.items), torch.from_numpy(state.signals)
                 flat = positions.view(-1)
-                r_rows = m.request_behaviours(m.route_attention, hist[flat], sig[flat])
+                r_rows = m.request_behaviours("route_attention", hist[flat], sig[flat])
                 n_s = min(m.cfg.short_len, len(state))
-                s_rows = m.request_behaviours(m.short_attention, hist[len(hist) - n_s :], sig[len(hist) - n_s :])
+                s_rows = m.request_behaviours("short_attention", hist[len(hist) - n_s :], sig[len(hist) - n_s :])
                 user = m.request_user_repr(state, len(cand)).contiguous()
             self._inputs[key] = (
                 words[cands],

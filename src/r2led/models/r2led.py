@@ -164,9 +164,6 @@ class R2LED(CtrModel):
         # view (exact, the batch path's result); b > 0 only the items sharing one of b signature
         # bands with the candidate, besides its semantic run (``SignatureBands``; approximate).
         self.collaborative_bands = 0
-        if cfg.attention == "mha":  # the key and value projections of every item, per encoder
-            self._projections_route = KeptValue(lambda: self._projected_tables(self.route_attention))
-            self._projections_short = KeptValue(lambda: self._projected_tables(self.short_attention))
 
     @classmethod
     def wants_sid(cls, cfg: R2ledConfig) -> bool:
@@ -257,6 +254,11 @@ class R2LED(CtrModel):
         """SID-level fusion, then the item's side features: (...,) -> (..., d)."""
         return per_unique_item(self._fused_item, items)
 
+    def _item_repr(self, items: torch.Tensor) -> torch.Tensor:
+        """R2LED's item representation is its fused item, so ``CtrModel``'s per-item tables
+        (``_item_table``, ``behaviour_rows``) keep fused items."""
+        return self._fused_item(items)
+
     def _fused_item(self, items: torch.Tensor) -> torch.Tensor:
         e = self.items.id(items)
         if self.gate is not None:
@@ -306,28 +308,17 @@ class R2LED(CtrModel):
         return self._tables(fresh=self.training or torch.is_grad_enabled())
 
     def _serving_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        items = self._fused_item(torch.arange(self.spec.n_items + 1, device=self.signal.weight.device))
+        items = self._item_table(fresh=self.training or torch.is_grad_enabled())  # (N+1, d) fused items
         return torch.cat([items, items.new_ones(len(items), 1)], dim=1), F.pad(self.signal.weight, (0, 1))
 
-    def encoder_tables(self, encoder: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """What ``encoder`` (``route_attention`` or ``short_attention``) reads per behaviour,
-        as per-item and per-signal tables whose rows add up to the behaviour's: DIN's unit, the
-        ``serving_tables``; multi-head attention, their key and value projections
-        (``TargetAttention.project``: (N+1, 2d), (S, 2d)), kept the same way."""
-        if isinstance(encoder, DinAttention):
-            return self.serving_tables()
-        fresh = self.training or torch.is_grad_enabled()
-        kept = self._projections_route if encoder is self.route_attention else self._projections_short
-        return kept(fresh=fresh)
-
-    def _projected_tables(self, encoder: TargetAttention) -> tuple[torch.Tensor, torch.Tensor]:
-        items, signals = self.serving_tables()
-        return encoder.project(items[:, :-1]), encoder.project(signals[:, :-1])
-
-    def request_behaviours(self, encoder: nn.Module, items: torch.Tensor, signals: torch.Tensor) -> torch.Tensor:
-        """The rows ``encoder`` reads for behaviours (items, signals) (n,): (n, d+1) or (n, 2d)
-        (``encoder_tables``); gathered, nothing computed per behaviour."""
-        item_rows, signal_rows = self.encoder_tables(encoder)
+    def request_behaviours(self, name: str, items: torch.Tensor, signals: torch.Tensor) -> torch.Tensor:
+        """The rows the encoder ``name`` (``"route_attention"`` or ``"short_attention"``) reads
+        for behaviours (items, signals) (n,), gathered from per-item and per-signal tables whose
+        rows add up to the behaviour's: DIN's unit, the ``serving_tables`` (n, d+1); multi-head
+        attention, their key and value projections (``CtrModel.behaviour_rows``, (n, 2d))."""
+        if not isinstance(getattr(self, name), DinAttention):
+            return self.behaviour_rows(name, items, signals)
+        item_rows, signal_rows = self.serving_tables()
         return item_rows.index_select(0, items) + signal_rows.index_select(0, signals)
 
     def _score_request(self, state: UserState, index, candidates: torch.Tensor) -> torch.Tensor:
@@ -341,12 +332,12 @@ class R2LED(CtrModel):
         target = items.index_select(0, candidates)  # (C, d+1)
         hist, signal = state_history(state)  # (T,) views
         flat = index.view(-1)
-        r_rows = self.request_behaviours(self.route_attention, hist.index_select(0, flat), signal.index_select(0, flat))
+        r_rows = self.request_behaviours("route_attention", hist.index_select(0, flat), signal.index_select(0, flat))
         routes, mass = self._serve_attention(
             self.route_attention, target, r_rows.view(*index.shape, -1), taken, self.cfg.route_mass
         )  # (C, R, d), (C, R)
         s_items, s_signal = self.request_short(state, self.cfg.short_len)  # (n_s,)
-        s_rows = self.request_behaviours(self.short_attention, s_items, s_signal)  # (n_s, .): shared by the rows
+        s_rows = self.request_behaviours("short_attention", s_items, s_signal)  # (n_s, .): shared by the rows
         r_short, _ = self._serve_attention(
             self.short_attention, target, s_rows, torch.ones(len(s_items), dtype=torch.bool)
         )  # (C, d)
