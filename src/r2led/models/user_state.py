@@ -270,7 +270,7 @@ class SignatureIndex(RequestIndex):
         self.rank = rank  # (N+1,) or None
         self.slot_item, self.slot_last, self.prev = Growable(slot_item[:u]), Growable(slot_last[:u]), Growable(prev)
         self.slot_count = Growable(np.diff(self.group_off))  # each slot's behaviours in the window
-        self._slot_of: dict[int, int] | None = None  # item -> slot, built on the first append
+        self._slot_of: dict[int, int] | None = None  # item -> slot (``_slots``)
         if rank is not None:
             self.order = np.argsort(rank[slot_item[:u]], kind="stable")  # (U,) slots by rank
             self.order_rank = rank[slot_item[:u]][self.order]
@@ -288,13 +288,18 @@ class SignatureIndex(RequestIndex):
         self._rank_key: tuple[int, int] | None = None
         self._table: np.ndarray | None = None  # the model's (N+1, W) signatures of that generation
 
-    def append(self, pos: int, item: int, signal: int) -> None:
+    def _slots(self) -> dict[int, int]:
+        """item -> slot, built on the first append or drop and kept in step by ``append``."""
         if self._slot_of is None:
             self._slot_of = {int(v): s for s, v in enumerate(self.slot_item.view().tolist())}
-        s = self._slot_of.get(item)
+        return self._slot_of
+
+    def append(self, pos: int, item: int, signal: int) -> None:
+        slots = self._slots()
+        s = slots.get(item)
         if s is None:
             s = len(self.slot_item)
-            self._slot_of[item] = s
+            slots[item] = s
             self.slot_item.append(item)
             self.slot_last.append(-1)
             if self.rank is not None:
@@ -319,9 +324,7 @@ class SignatureIndex(RequestIndex):
 
     def drop(self, pos: int, item: int, signal: int) -> None:
         """The oldest behaviour left the window: its item counts one behaviour fewer there."""
-        if self._slot_of is None:
-            self._slot_of = {int(v): s for s, v in enumerate(self.slot_item.view().tolist())}
-        self._count(self._slot_of[item], -1)
+        self._count(self._slots()[item], -1)
 
     def _count(self, s: int, delta: int) -> None:
         """Slot ``s`` gained (1) or lost (-1) a behaviour in the window; the rank-ordered
