@@ -8,7 +8,7 @@ behaviour's key depends on it through its item (SimHash similarity to the candid
 SID-prefix match) and its position (recency), so each candidate works on the U distinct items:
 one vectorised popcount pass (``_similarities_one_word``), then for every list a route reads
 the lowest similarity level that can reach it, counting each item's behaviours in the window
-(``_range_cut``), and the list itself produced lazily in key order by a heap over the items at
+(``_list_cut``), and the list itself produced lazily in key order by a heap over the items at
 or above that level (``_best_chained``), only as deep as the routes need. Nothing of size T
 is touched per request (taken behaviours are marked in small hash sets).
 
@@ -198,34 +198,25 @@ def _count_at_least(sim, weight, lo, hi, level):
 
 
 @njit(cache=True)
-def _range_cut(sim, weight, lo, hi, need, top, per_level):
-    """``_cut`` of the similarity levels of the items in sim[lo:hi] (-1: not counted), each
-    counting its behaviours in the window (``weight``): the highest level with at least
-    ``need`` behaviours at or above it (0 if none). Counting behaviours rather than items
-    keeps the heap small at long T, where the best item alone often holds the whole list.
+def _list_cut(sim, weight, pick, lo, hi, need, top, per_level):
+    """``_cut`` of the similarity levels of the items at ranks pick[lo:hi] (``pick`` empty: the
+    ranks lo..hi-1 themselves, as in ``_best_chained``; -1: not counted), each counting its
+    behaviours in the window (``weight``): the highest level with at least ``need`` behaviours
+    at or above it (0 if none). Counting behaviours rather than items keeps the heap small at
+    long T, where the best item alone often holds the whole list.
 
-    ``top`` (at least the range's highest similarity) is tried first with one vectorised
-    count: it settles the cut whenever the best level alone holds ``need`` (for over half
-    of the overall lists at T = 10^6 in the speed benchmark, 500 measured: a candidate the
-    user has interacted with many times). Otherwise one histogram pass (``per_level``
-    scratch): measured on 12,600 items, a count pass takes 1.0 us, a histogram pass 4.1 us,
-    and a binary search over the levels needs about 7 counts."""
-    if hi - lo > 256 and top > 0 and _count_at_least(sim, weight, lo, hi, top) >= need:
+    For a long run of ranks, ``top`` (at least the run's highest similarity) is tried first
+    with one vectorised count: it settles the cut whenever the best level alone holds ``need``
+    (for over half of the overall lists at T = 10^6 in the speed benchmark, 500 measured: a
+    candidate the user has interacted with many times). Otherwise one histogram pass
+    (``per_level`` scratch): measured on 12,600 items, a count pass takes 1.0 us, a histogram
+    pass 4.1 us, and a binary search over the levels needs about 7 counts."""
+    direct = pick.shape[0] == 0
+    if direct and hi - lo > 256 and top > 0 and _count_at_least(sim, weight, lo, hi, top) >= need:
         return top
     per_level[:] = 0
-    for j in range(lo, hi):
-        v = sim[j]
-        if v >= 0:
-            per_level[v] += weight[j]
-    return _cut(per_level, need)
-
-
-@njit(cache=True)
-def _picked_cut(sim, weight, pick, lo, hi, need, per_level):
-    """``_range_cut`` of the items at ranks pick[lo:hi]."""
-    per_level[:] = 0
     for i in range(lo, hi):
-        j = pick[i]
+        j = i if direct else pick[i]
         v = sim[j]
         if v >= 0:
             per_level[v] += weight[j]
@@ -262,7 +253,7 @@ def _best_chained(sim, pick, lo, hi, order, need, cut, length, start, slot_last,
 
     Every behaviour of an item shares its similarity, so the ``need`` best lie at the highest
     similarity levels holding ``need`` behaviours: ``cut`` (>= 0, from
-    ``_range_cut`` / ``_picked_cut``) is the lowest of those levels; a heap over the items at or
+    ``_list_cut``) is the lowest of those levels; a heap over the items at or
     above it merges their positions in key order. An item's positions, most recent first:
     along the chain (``prev``) while they are later than ``groups``' build, then its group
     (``grouped[group_off[s]:group_off[s+1]]``, consecutive) from there.
@@ -363,13 +354,13 @@ def state_routes(
                 band_hi, slot_last, start, near, stamp,
             )  # fmt: skip
             top = levels - 1  # an upper bound for the runs' cuts
-            cut = _picked_cut(sim, rank_count, near, 0, n_near, n_best, per_level)
+            cut = _list_cut(sim, rank_count, near, 0, n_near, n_best, top, per_level)
             n_g = _best_chained(
                 sim, near, 0, n_near, order, n_best, cut, length, start, slot_last, prev, groups, heap, best
             )  # fmt: skip
         else:
             top = _similarities_by_rank(target_sig, c, rank_sig, rank_words, levels, sim, order, slot_last, start)
-            cut = _range_cut(sim, rank_count, 0, u_n, n_best, top, per_level)
+            cut = _list_cut(sim, rank_count, every, 0, u_n, n_best, top, per_level)
             n_g = _best_chained(
                 sim, every, 0, u_n, order, n_best, cut, length, start, slot_last, prev, groups, heap, best
             )  # fmt: skip
@@ -377,7 +368,7 @@ def state_routes(
             n_m = 0
             if quota > 0 and lo[c, r] < hi[c, r]:
                 depth = quota + (routes - 1 - r) * k if disjoint else quota
-                cut = _range_cut(sim, rank_count, lo[c, r], hi[c, r], depth, top, per_level)
+                cut = _list_cut(sim, rank_count, every, lo[c, r], hi[c, r], depth, top, per_level)
                 n_m = _best_chained(
                     sim, every, lo[c, r], hi[c, r], order, depth, cut, length, start, slot_last, prev, groups, heap,
                     matched,
