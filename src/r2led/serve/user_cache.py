@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from r2led.models.user_state import UserState as RequestState
+from r2led.serve.errors import ScoringInputError
 from r2led.serve.history_store import HistoryStore, StoredHistory
 from r2led.serve.scoring import ScoringModel
 
@@ -55,10 +56,12 @@ class UserState:
         """(T,) signals."""
         return self.request.signals
 
-    @property
-    def feature_codes(self) -> np.ndarray:
-        """(F,) int64 feature codes."""
-        return self.request.features
+    def apply(self, ids: np.ndarray, signals: np.ndarray, seq: int) -> None:
+        """Events the store holds up to ``seq`` reach the kept copy (held: ``lock``): a request
+        sees all of them or none (the request state's lock), and ``seq`` moves last."""
+        with self.request.lock:
+            self.request.extend(ids, signals)
+        self.seq = seq
 
 
 class UserHistories:
@@ -112,9 +115,7 @@ class UserHistories:
         with cached.lock:
             seq, length = self.store.append(user, keys, [int(s) for s in signals])
             if cached.seq == seq - len(keys) and not cached.skipped:  # nothing else changed the user
-                with cached.request.lock:  # a request sees all of this append or none of it
-                    cached.request.extend(ids, signals)
-                cached.seq = seq
+                cached.apply(ids, signals, seq)
                 return seq, length
             if cached.seq >= seq or self._catch_up(user, cached):  # others' appends, then this one
                 return seq, length
@@ -129,13 +130,11 @@ class UserHistories:
         new = self.store.appended_since(user, cached.seq)
         if new is None:
             return False
-        ids = self.scoring.lookup_items(new.items)  # (n,) item ids, 0: unknown to the model
-        signals = np.asarray(new.signals, dtype=np.int64)  # (n,)
-        if not ((ids > 0).all() and ((signals >= 1) & (signals <= self.scoring.signal_max)).all()):
-            return False  # checked before any is applied: never half of them
-        with cached.request.lock:  # a request sees all of these events or none of them
-            cached.request.extend(ids, signals)
-        cached.seq = new.seq
+        try:  # every event checked before any is applied: never half of them
+            ids, signals = self.scoring.item_ids(new.items), self.scoring.signals(new.signals)
+        except ScoringInputError:  # an item the model does not know, or a bad signal
+            return False
+        cached.apply(ids, signals, new.seq)
         self.catch_ups += 1
         return True
 
