@@ -248,8 +248,10 @@ async def _drive(
             n += 1
             start = time.perf_counter()
             try:
-                # a stalled answer is an error, not a hang of the whole run
-                status, headers, _ = await asyncio.wait_for(conn.send(request), REQUEST_TIMEOUT_S)
+                # a stalled answer is an error, not a hang of the whole run (a timeout scope: no
+                # task per request, as wait_for creates on Python 3.11)
+                async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                    status, headers, _ = await conn.send(request)
             except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
                 errors += 1
                 conn.close()  # the next request opens a new connection
