@@ -190,8 +190,9 @@ def _run(
         contenders.append(Contender(MODES["cold"].format(name), model, None, "cold"))
         if name in strawman:
             contenders.append(Contender(MODES["batch"].format(name), model, None, "batch", max_t=strawman_max_t))
-        if name == REFERENCE or VARIANTS.get(name, ("", {}))[1]:  # each R2LED config, its own floor
-            contenders.append(Contender(r2led_floor_name(name), None, None, "floor", floor=Floor(model)))
+        floor = r2led_floor_name(name)  # "floor" but for an R2LED variant with other settings
+        if name == REFERENCE or floor != "floor":  # each R2LED config, its own floor
+            contenders.append(Contender(floor, None, None, "floor", floor=Floor(model)))
     results: dict[str, dict[str, Entry]] = {c.name: {str(t): Entry() for t in lengths} for c in contenders}
     n_requests = warmup + 1 + repeats
     serving = Phase("serving", warmup, repeats, memory_limit, time_limit)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from r2led.bench.speed_workload import REFERENCE, TRAIN_T_MAX, Catalogue, Workload, make_workload
-from r2led.data.batches import Batch
+from r2led.train.trainer import train_step
 
 CALIBRATION_T = 32  # first, tiny length every model runs at, to extrapolate from
 FLOOR = "floor"  # the unavoidable work alone (``Floor``)
@@ -72,12 +72,6 @@ def _quiet_stderr():
 def is_out_of_memory(exc: BaseException) -> bool:
     text = str(exc).lower()
     return isinstance(exc, MemoryError) or "can't allocate memory" in text or "out of memory" in text
-
-
-def train_step(model, optimizer, batch: Batch) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    model.loss(batch, model(batch)).backward()
-    optimizer.step()
 
 
 @dataclass
@@ -224,8 +218,7 @@ class Floor:
                 hist, sig = torch.from_numpy(state.items), torch.from_numpy(state.signals)
                 flat = positions.view(-1)
                 r_rows = m.request_behaviours("route_attention", hist[flat], sig[flat])
-                n_s = min(m.cfg.short_len, len(state))
-                s_rows = m.request_behaviours("short_attention", hist[len(hist) - n_s :], sig[len(hist) - n_s :])
+                s_rows = m.request_behaviours("short_attention", *m.request_short(state, m.cfg.short_len))
                 user = m.request_user_repr(state, len(cand)).contiguous()
             self._inputs[key] = (
                 words[cands],
@@ -297,9 +290,9 @@ def calibrate(contenders: list[Contender], cat: Catalogue, candidates: int, batc
         if c.optimizer is not None:
             c.model.train()
             try:
-                train_step(c.model, c.optimizer, work.train)  # creates the optimizer state
+                train_step(c.model, c.model, c.optimizer, work.train)  # creates the optimizer state
                 (_, peak), seconds = _timed(
-                    lambda c=c: peak_allocated(lambda: train_step(c.model, c.optimizer, work.train))
+                    lambda c=c: peak_allocated(lambda: train_step(c.model, c.model, c.optimizer, work.train))
                 )
                 c.train.t, c.train.peak, c.train.seconds = work.t, peak, seconds
             except Exception as exc:  # noqa: BLE001
@@ -357,7 +350,7 @@ class Phase:
         if self.kind == "serving":
             c.request(work, i)
         else:
-            train_step(c.model, c.optimizer, work.train)
+            train_step(c.model, c.model, c.optimizer, work.train)
 
     def _skip(self, entry: Entry, reason: str) -> None:
         if self.kind == "serving":

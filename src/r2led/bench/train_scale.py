@@ -165,7 +165,6 @@ def run_train_speed(
     (``train.batch_size``, ``train.t_max``, ``train.seed``, ``train.bucket`` choose the batches).
     Ratios are to ``reference`` (a label in ``models``; None: no ratios). ``echo``: where each
     row's line goes (default: the console)."""
-    import numpy as np
     import torch
 
     from r2led.config import load_config
@@ -175,7 +174,7 @@ def run_train_speed(
     from r2led.models.spec import DataSpec
     from r2led.terminal import console
     from r2led.train.memory import tune_allocator
-    from r2led.train.trainer import load_sid, seed_everything, train_step
+    from r2led.train.trainer import load_sid, make_optimizer, seed_everything, train_step
 
     echo = echo or console.print
     repeated = sorted({m for m in models if models.count(m) > 1})
@@ -196,7 +195,7 @@ def run_train_speed(
         cfg = load_config(config_files, [*(overrides or []), f"model.name={name}", *variant])
         seed_everything(cfg.train.seed)
         model = build_model(cfg.model, spec, load_sid(store, cfg))
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        optimizer = make_optimizer(model, cfg.train)
         contenders.append((label, model, optimizer))
     tc = cfg.train  # the batches: the same for every model (train.* is not per model)
     train_idx = store.split_indices("train")
@@ -205,7 +204,7 @@ def run_train_speed(
     ).batch_positions()
     if len(order) < warmup + steps:
         raise ConfigError(f"the train split has {len(order)} batches; --warmup + --steps needs {warmup + steps}")
-    samples_of = np.array([len(p) for p in order])
+    samples = sum(len(p) for p in order[warmup : warmup + steps])  # the timed steps' samples
     rows: list[SpeedRow] = []
     for n_threads in threads:
         torch.set_num_threads(n_threads)
@@ -222,7 +221,6 @@ def run_train_speed(
                     train_step(model, model, optimizer, make_batch(store, train_idx[positions], tc.t_max))
                 seconds[label] += time.perf_counter() - t0
                 faults[label] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-        samples = int(samples_of[warmup : warmup + steps].sum())
         ref_rate = samples / seconds[reference] if reference is not None else None
         for label in models:
             rate = samples / seconds[label]

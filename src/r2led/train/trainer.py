@@ -69,12 +69,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def make_optimizer(model: torch.nn.Module, train) -> torch.optim.Optimizer:
+    """The trainer's optimiser for ``model`` under the ``train`` settings (``TrainConfig``)."""
+    return torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+
+
 def train_step(net: torch.nn.Module, model, optimizer: torch.optim.Optimizer, batch) -> float:
     """One optimisation step on ``batch``: forward, loss, backward, optimiser step; returns the
     loss. A non-finite loss is returned before anything is updated (the caller stops).
 
     ``net`` is the module called (``model`` or its DistributedDataParallel wrapper), ``model``
-    the one whose ``loss`` is used. The trainer and ``r2led bench train-speed`` both time this.
+    the one whose ``loss`` is used. The trainer, ``r2led bench train-speed`` and ``bench speed``
+    all time this.
     """
     # after an evaluation (train() clears the models' kept values). Evaluation puts ``model``
     # in eval mode, not a DDP wrapper around it, whose own flag stays True: check the model.
@@ -196,7 +202,7 @@ class Trainer:
         self.ddp = None
         if self.dist.world > 1:
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.model)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.optimizer = make_optimizer(self.model, cfg.train)
         if self.dist.world > 1:  # this rank's shard of each split (train cut to equal shards)
             self.store = shard_store(self.store, self.dist, cfg.train.max_train_samples, cfg.train.max_eval_samples)
         self.train_idx = self.store.split_indices("train")
