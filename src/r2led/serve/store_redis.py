@@ -25,7 +25,7 @@ PREFIX = "r2led:"
 # KEYS: h, s, r, users; ARGV: t_max, user, entries...  -> {length, seq}
 APPEND = """
 local before = tonumber(redis.call('GET', KEYS[2]) or '0')
-if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('SET', KEYS[3], before) end
+redis.call('SETNX', KEYS[3], before)
 local length = 0
 for i = 3, #ARGV, 1000 do
     length = redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
@@ -85,6 +85,11 @@ class RedisHistoryStore:
         return [PREFIX + "h:" + user, PREFIX + "s:" + user, PREFIX + "r:" + user, PREFIX + "users"]
 
     @staticmethod
+    def _encode(items: list[str], signals: list[int]) -> list[str]:
+        """Events as list entries ``"signal|item"`` (``_decode`` reads them back)."""
+        return [f"{s}|{it}" for it, s in zip(items, signals, strict=False)]
+
+    @staticmethod
     def _decode(entries) -> tuple[list[str], list[int]]:
         items, signals = [], []
         for entry in entries:
@@ -114,7 +119,7 @@ class RedisHistoryStore:
         return Appended(int(got[0]), items, signals)
 
     def append(self, user: str, items: list[str], signals: list[int]) -> tuple[int, int]:
-        entries = [f"{s}|{it}" for it, s in zip(items, signals, strict=False)]
+        entries = self._encode(items, signals)
         length, seq = self._append(keys=self._keys(user), args=[self.t_max, user, *entries])
         return int(seq), min(int(length), self.t_max)
 
@@ -154,7 +159,7 @@ class RedisHistoryStore:
         self._r.close()
 
     def _queue_replace(self, pipe, user: str, items: list[str], signals: list[int]) -> None:
-        entries = [f"{s}|{it}" for it, s in zip(items, signals, strict=False)]
+        entries = self._encode(items, signals)
         self._replace(keys=self._keys(user), args=[user, *entries], client=pipe)
 
     @staticmethod

@@ -15,6 +15,7 @@ Each thread uses its own connection (SQLite connections are not shared across th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -91,25 +92,19 @@ class SqliteHistoryStore:
         return None if row is None else int(row[0])
 
     def load(self, user: str) -> StoredHistory | None:
-        db = self._db()
-        db.execute("BEGIN")  # one snapshot for both reads
-        try:
+        with self._read() as db:
             head = db.execute("SELECT seq, features FROM users WHERE user = ?", (user,)).fetchone()
             rows = (
                 db.execute("SELECT item, signal FROM events WHERE user = ? ORDER BY pos", (user,)).fetchall()
                 if head
                 else []
             )
-        finally:
-            db.execute("COMMIT")
         if head is None:
             return None
         return StoredHistory(int(head[0]), [r[0] for r in rows], [int(r[1]) for r in rows], json.loads(head[1]))
 
     def appended_since(self, user: str, seq: int) -> Appended | None:
-        db = self._db()
-        db.execute("BEGIN")  # one snapshot for both reads
-        try:
+        with self._read() as db:
             head = db.execute("SELECT seq, replaced FROM users WHERE user = ?", (user,)).fetchone()
             if head is None or not int(head[1]) <= seq <= int(head[0]):
                 return None
@@ -117,8 +112,6 @@ class SqliteHistoryStore:
             rows = db.execute(
                 "SELECT item, signal FROM events WHERE user = ? ORDER BY pos DESC LIMIT ?", (user, n)
             ).fetchall()
-        finally:
-            db.execute("COMMIT")
         if len(rows) < n:  # trimmed away: more than t_max appended since
             return None
         rows.reverse()
@@ -188,6 +181,16 @@ class SqliteHistoryStore:
 
     def _write(self):
         return _Transaction(self._db())
+
+    @contextlib.contextmanager
+    def _read(self):
+        """One snapshot for several reads: ``BEGIN`` ... ``COMMIT`` (a read commits nothing)."""
+        db = self._db()
+        db.execute("BEGIN")
+        try:
+            yield db
+        finally:
+            db.execute("COMMIT")
 
 
 class _Transaction:
