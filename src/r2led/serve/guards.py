@@ -17,8 +17,8 @@ import orjson
 OPEN_PATHS = frozenset({"/health"})
 
 
-async def _reply(send, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
-    body = orjson.dumps({"detail": detail})
+async def send_json(send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """Answer with a JSON ``body`` already serialised (ASGI ``send``)."""
     await send(
         {
             "type": "http.response.start",
@@ -27,6 +27,27 @@ async def _reply(send, status: int, detail: str, headers: list[tuple[bytes, byte
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+async def reply(send, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """Answer ``{"detail": detail}``, as FastAPI's errors do."""
+    await send_json(send, status, orjson.dumps({"detail": detail}), headers)
+
+
+async def read_body(receive, cap: int | None = None) -> bytes | None:
+    """The request body, read whole from ASGI ``receive``; with ``cap``, reading stops as soon as
+    it is longer (the caller refuses it). ``None``: the client went away."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if cap is not None and size > cap:
+            break
+        more = message.get("more_body", False)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class Guards:
@@ -41,7 +62,7 @@ class Guards:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         if self.api_keys is not None and scope["path"] not in OPEN_PATHS and not self._authorised(headers):
-            return await _reply(
+            return await reply(
                 send,
                 401,
                 "missing or unknown API key: send it in the X-API-Key header",
@@ -49,22 +70,15 @@ class Guards:
             )
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            return await _reply(send, 413, f"request body is larger than the limit of {self.max_body_bytes:,} bytes")
+            return await reply(send, 413, f"request body is larger than the limit of {self.max_body_bytes:,} bytes")
         if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
             # a streamed (chunked) body: read it up to the cap, then hand it on whole
-            chunks, size, more = [], 0, True
-            while more:
-                message = await receive()
-                if message["type"] != "http.request":
-                    return
-                chunks.append(message.get("body", b""))
-                size += len(chunks[-1])
-                if size > self.max_body_bytes:
-                    return await _reply(
-                        send, 413, f"request body is larger than the limit of {self.max_body_bytes:,} bytes"
-                    )
-                more = message.get("more_body", False)
-            return await self.app(scope, replay_body(b"".join(chunks), receive), send)
+            body = await read_body(receive, self.max_body_bytes)
+            if body is None:
+                return
+            if len(body) > self.max_body_bytes:
+                return await reply(send, 413, f"request body is larger than the limit of {self.max_body_bytes:,} bytes")
+            return await self.app(scope, replay_body(body, receive), send)
         await self.app(scope, receive, send)
 
     def _authorised(self, headers: dict[bytes, bytes]) -> bool:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import orjson
 
 from r2led.serve.errors import ScoringInputError, UnknownItemError, UnknownUserError
-from r2led.serve.guards import replay_body
+from r2led.serve.guards import read_body, replay_body, reply, send_json
 from r2led.serve.limits import Limits
 from r2led.serve.scoring_service import Scored, ScoringService
 
@@ -60,14 +60,9 @@ class ScoreRoute:
         content_type = next((value for name, value in scope["headers"] if name == b"content-type"), b"")
         if content_type.lower() not in JSON_TYPES:
             return await self.app(scope, receive, send)
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        body = await read_body(receive)
+        if body is None:
+            return  # the client went away
         request = self.parse(body)
         if request is None:
             return await self.app(scope, replay_body(body, receive), send)
@@ -75,11 +70,11 @@ class ScoreRoute:
         try:
             scored = self.service.score(user, keys)  # on the loop's thread (see the module docstring)
         except (UnknownItemError, UnknownUserError) as exc:
-            return await _reply(send, 404, orjson.dumps({"detail": str(exc)}))
+            return await reply(send, 404, str(exc))
         except ScoringInputError as exc:
-            return await _reply(send, 422, orjson.dumps({"detail": str(exc)}))
+            return await reply(send, 422, str(exc))
         answer, timing = score_answer(user, scored)
-        await _reply(send, 200, answer, [(b"server-timing", timing)])
+        await send_json(send, 200, answer, [(b"server-timing", timing)])
 
     def parse(self, body: bytes) -> tuple[str, list[str | int]] | None:
         """(user, candidate keys) of a body that ``ScoreBody`` accepts as it is; ``None`` for
@@ -101,14 +96,3 @@ class ScoreRoute:
             if not (kind is int or (kind is str and 0 < len(key) <= longest)):
                 return None
         return user, candidates  # integer keys are made str by ScoringService.score
-
-
-async def _reply(send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = ()) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json"), *headers],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
