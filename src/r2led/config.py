@@ -186,14 +186,20 @@ def registered_models() -> dict[str, str]:
 
 
 @cache
-def model_config_class(name: str) -> type[ModelConfig]:
-    """The config class of the registered model ``name`` (a ``ModelConfig`` subclass)."""
+def model_class(name: str) -> type:
+    """The model class registered as ``name`` (imports its module); ``ConfigError`` naming the
+    known ones otherwise."""
     models = registered_models()
     if not models:
         raise ConfigError("no model is registered (entry points r2led.models): install r2led, e.g. `make install`")
     if name not in models:
         raise ConfigError(f"model.name: unknown model {name!r}; known: {', '.join(models)}")
-    return load_model_class(models[name]).config_class
+    return load_model_class(models[name])
+
+
+def model_config_class(name: str) -> type[ModelConfig]:
+    """The config class of the registered model ``name`` (a ``ModelConfig`` subclass)."""
+    return model_class(name).config_class
 
 
 def load_model_class(spec: str) -> type:

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from r2led.config import ModelConfig, load_model_class, registered_models
-from r2led.errors import ConfigError
+from r2led.config import ModelConfig, model_class, registered_models
+
+__all__ = ["MODELS", "build_model", "model_class"]
 
 # name -> "module:Class", from the `r2led.models` entry points in pyproject.toml (R2LED first);
-# each module is imported on use, so one model's import cost is paid only when it is used.
+# each module is imported on use (``r2led.config.model_class``), so one model's import cost is
+# paid only when it is used.
 MODELS: dict[str, str] = dict(registered_models())
-
-
-def model_class(name: str):
-    """The model class registered as ``name``; ConfigError naming the known ones otherwise."""
-    if name not in MODELS:
-        raise ConfigError(f"model.name: unknown model {name!r}; known: {', '.join(MODELS)}")
-    return load_model_class(MODELS[name])
 
 
 def build_model(cfg: ModelConfig, spec, sid=None):
