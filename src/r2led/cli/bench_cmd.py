@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from r2led.cli.common import shorthands
+
 bench_app = typer.Typer(no_args_is_help=True)
 
 
@@ -75,8 +77,7 @@ def accuracy(
         "replicates": replicates,
         "bootstrap_seed": bootstrap_seed,
     }
-    shorthands = [f"bench.{key}={value}" for key, value in given.items() if value is not None]
-    bench = load_bench_config(config, [*set_, *shorthands])
+    bench = load_bench_config(config, [*set_, *shorthands(given, "bench.")])
     run_accuracy(
         data, bench, out, config_files=config, overrides=set_, report_only=report_only, grid=grid, publish=publish
     )
@@ -178,8 +179,7 @@ def history(
     from r2led.config import load_bench_config
 
     given = {"models": models, "seeds": seeds}
-    shorthands = [f"bench.{key}={value}" for key, value in given.items() if value is not None]
-    bench = load_bench_config(config, [*set_, *shorthands], base={"bench": HISTORY_BENCH})
+    bench = load_bench_config(config, [*set_, *shorthands(given, "bench.")], base={"bench": HISTORY_BENCH})
     run_history_curve(
         data, bench, _ints(t_max, "--t-max"), out, config_files=config, overrides=set_, report_only=report_only
     )

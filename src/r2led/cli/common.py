@@ -35,6 +35,12 @@ __all__ = [
 _USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EMFILE, errno.ENAMETOOLONG}
 
 
+def shorthands(given: dict, prefix: str = "") -> list[str]:
+    """Options that are shorthands for ``--set``: ``KEY=VALUE`` overrides (under ``prefix``) for
+    the ones given, applied after the ``--set`` ones."""
+    return [f"{prefix}{key}={value}" for key, value in given.items() if value is not None]
+
+
 def error_line(exc: BaseException) -> str | None:
     """The one-line message for an expected error, or None for a bug (keep its traceback)."""
     if isinstance(exc, R2ledError):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from r2led.cli.common import console, print_table
+from r2led.cli.common import console, print_table, shorthands
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -104,8 +104,8 @@ def build(
 
     # the options are shorthands for --set KEY=VALUE, applied last
     given = {"encoder": encoder, "quantizer": quantizer, "levels": levels, "codebook": codebook, "seed": seed}
-    shorthands = [f"{key}={value}" for key, value in given.items() if value is not None]
-    settings = load_sid_config(config, [*set_, *shorthands, *(["unique=true"] if unique else [])])
+    given["unique"] = "true" if unique else None
+    settings = load_sid_config(config, [*set_, *shorthands(given)])
 
     # RQ-VAE shows its own training bar; rich allows one live display at a time.
     training_bar = settings.quantizer.startswith("rq-vae")
