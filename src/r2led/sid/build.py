@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from r2led.config import SidConfig, validate_section
+from r2led.config import SidConfig, load_sid_config
 from r2led.errors import ConfigError, DataError
 from r2led.sid.encoders import check_embeddings, encode_items
 from r2led.sid.quality import collision_stats, sid_quality
@@ -27,7 +27,7 @@ def sid_config(config: SidConfig | None = None, **settings: Any) -> SidConfig:
     if config is not None and not settings:
         return config
     base = config.model_dump() if config is not None else {}
-    return validate_section(SidConfig, {**base, **settings}, "SID settings")
+    return load_sid_config(base={**base, **settings})
 
 
 def quantize(x: np.ndarray, config: SidConfig, progress: bool = False) -> Quantization:
