@@ -185,7 +185,6 @@ def registered_models() -> dict[str, str]:
     return {ep.name: ep.value for ep in found}
 
 
-@cache
 def model_class(name: str) -> type:
     """The model class registered as ``name`` (imports its module); ``ConfigError`` naming the
     known ones otherwise."""
